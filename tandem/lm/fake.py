@@ -1,0 +1,54 @@
+"""A scripted LM for orchestration tests: no weights, fully predictable.
+
+``FakeLM(fn)`` answers each rendered prompt with ``fn(text)``; the prompt
+text contains the fields, so a test can answer "correctly" for some inputs
+and wrongly for others. ``FakeLM.with_adapter`` returns a LM whose
+fingerprint and replies change, which is enough to test weight steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Callable
+
+from tandem.lm.base import LM, Completion, Prompt, Request
+
+
+class FakeLM(LM):
+    max_batch = 64
+
+    def __init__(
+        self,
+        reply: Callable[[str], str] | str,
+        name: str = "fake",
+        chat: bool = True,
+        adapter: str | None = None,
+    ) -> None:
+        super().__init__(name, cache=False)
+        self._reply = reply if callable(reply) else (lambda _t, r=reply: r)
+        self.chat = chat
+        self.adapter = adapter
+        self.prompts: list[str] = []
+        self.batches: list[int] = []
+        self._lock = threading.Lock()
+
+    def fingerprint(self) -> str:
+        return f"fake:{self.name}:{self.adapter}"
+
+    def chat_template(self, prompt: Prompt) -> str | None:
+        if not self.chat:
+            return None
+        return "".join(f"<|{role}|>{content}<|end|>" for role, content in prompt.messages) + "<|assistant|>"
+
+    def _generate(self, requests: list[Request]) -> list[Completion]:
+        with self._lock:
+            self.batches.append(len(requests))
+            self.prompts.extend(r.text for r in requests)
+        out = []
+        for r in requests:
+            text = self._reply(r.text)
+            out.append(Completion(text, self.count_tokens(r.text), self.count_tokens(text)))
+        return out
+
+    def with_adapter(self, adapter: str, reply: Callable[[str], str] | None = None) -> "FakeLM":
+        return FakeLM(reply or self._reply, name=self.name, chat=self.chat, adapter=adapter)

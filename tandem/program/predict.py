@@ -1,0 +1,115 @@
+"""Predictors: one LM call each.
+
+``Predict(signature)`` renders the signature, its demos and the inputs into a
+prompt, calls its LM (or the default one in ``tandem.settings``), parses the
+reply into output fields and records the call in the active trace.
+``ChainOfThought`` adds a ``reasoning`` field before the outputs.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from tandem.lm.base import LM, Request, SamplingParams
+from tandem.program.example import Prediction
+from tandem.program.module import Module
+from tandem.program.render import ParseError, build_prompt, parse_output
+from tandem.program.signature import Field, Signature
+from tandem.program.trace import current_trace
+from tandem.settings import settings
+
+__all__ = ["Predict", "ChainOfThought", "ParseError"]
+
+
+class Predict(Module):
+    def __init__(
+        self,
+        signature: Signature | str | type,
+        *,
+        instructions: str | None = None,
+        lm: LM | None = None,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+    ) -> None:
+        sig = Signature.ensure(signature)
+        if instructions is not None:
+            sig = sig.with_instructions(instructions)
+        self.signature = sig
+        self.demos: list[dict] = []
+        self.lm = lm
+        self.params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+        self.name = "self"
+
+    # -- the call -------------------------------------------------------------------
+    def get_lm(self) -> LM:
+        lm = self.lm or settings.lm
+        if lm is None:
+            raise RuntimeError(
+                f"predictor {self.name!r} has no LM: call program.set_lm(lm) or "
+                "tandem.settings.configure(lm=...) first"
+            )
+        return lm
+
+    def request(self, inputs: dict, lm: LM | None = None) -> Request:
+        lm = lm or self.get_lm()
+        prompt = build_prompt(self.signature, self.demos, inputs)
+        return Request(lm.render(prompt), self.params, prompt)
+
+    def forward(self, **inputs: Any) -> Prediction:
+        lm = self.get_lm()
+        req = self.request(inputs, lm)
+        completion = lm.complete(req)
+        assert req.prompt is not None
+        full = req.prompt.prefix + completion.text
+        outputs = parse_output(self.signature, full)
+        t = current_trace()
+        if t is not None:
+            shown = {f.name: inputs[f.name] for f in self.signature.input_fields}
+            t.record(self.name, shown, outputs, req.text, completion.text)
+        return Prediction(outputs)
+
+    def __call__(self, **inputs: Any) -> Prediction:
+        return self.forward(**inputs)
+
+    # -- state ------------------------------------------------------------------------
+    @property
+    def instructions(self) -> str:
+        return self.signature.instructions
+
+    @instructions.setter
+    def instructions(self, text: str) -> None:
+        self.signature = self.signature.with_instructions(text)
+
+    def dump_state(self) -> dict:
+        return {
+            "signature": self.signature.to_dict(),
+            "demos": copy.deepcopy(self.demos),
+            "max_tokens": self.params.max_tokens,
+            "temperature": self.params.temperature,
+        }
+
+    def load_state(self, state: dict) -> "Predict":
+        self.signature = Signature.from_dict(state["signature"])
+        self.demos = copy.deepcopy(state.get("demos", []))
+        self.params = SamplingParams(
+            temperature=state.get("temperature", 0.0), max_tokens=state.get("max_tokens", 256)
+        )
+        return self
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.signature!r}, demos={len(self.demos)})"
+
+
+REASONING = Field(
+    "reasoning", desc="think step by step, briefly", is_input=False, multiline=True
+)
+
+
+class ChainOfThought(Predict):
+    """Predict with a ``reasoning`` output written before the other outputs."""
+
+    def __init__(self, signature: Signature | str | type, **kwargs: Any) -> None:
+        super().__init__(signature, **kwargs)
+        if "reasoning" not in {f.name for f in self.signature.fields}:
+            self.signature = self.signature.prepend_output(REASONING)

@@ -1,0 +1,110 @@
+"""Prompt rendering and output parsing for predictors.
+
+The format is plain labelled lines, the easiest for small models to follow::
+
+    Reasoning: the petals are long, so ...
+    Species: virginica
+
+The reply starts already written with the first output label (the prompt's
+``prefix``), demos are earlier user/assistant turns, and parsing looks for
+each output label at the start of a line.
+"""
+
+from __future__ import annotations
+
+import re
+
+from tandem.lm.base import Prompt
+from tandem.program.signature import Field, Signature
+
+
+class ParseError(ValueError):
+    """The model's reply lacks an output field. Callers count these as failures."""
+
+    def __init__(self, message: str, completion: str, missing: list[str]) -> None:
+        super().__init__(message)
+        self.completion = completion
+        self.missing = missing
+
+
+def format_value(value: object) -> str:
+    if isinstance(value, (list, tuple)):
+        return "\n".join(f"[{i + 1}] {v}" for i, v in enumerate(value))
+    return str(value).strip()
+
+
+def format_fields(fields: tuple[Field, ...], values: dict) -> str:
+    lines = []
+    for f in fields:
+        if f.name in values and values[f.name] is not None:
+            value = format_value(values[f.name])
+            sep = "\n" if "\n" in value else " "
+            lines.append(f"{f.label}:{sep}{value}")
+    return "\n".join(lines)
+
+
+def system_message(sig: Signature) -> str:
+    parts = []
+    if sig.instructions:
+        parts.append(sig.instructions.strip())
+    ins = ", ".join(f.label for f in sig.input_fields)
+    parts.append(f"You are given: {ins}.")
+    fmt = "\n".join(f"{f.label}: {f.desc or '...'}" for f in sig.output_fields)
+    parts.append("Reply in exactly this format:\n" + fmt)
+    return "\n\n".join(parts)
+
+
+def build_prompt(sig: Signature, demos: list[dict], inputs: dict) -> Prompt:
+    missing = [f.name for f in sig.input_fields if f.name not in inputs]
+    if missing:
+        raise ValueError(f"{sig.name}: missing input field(s) {missing}")
+    messages: list[tuple[str, str]] = [("system", system_message(sig))]
+    for demo in demos:
+        user = format_fields(sig.input_fields, demo)
+        reply = format_fields(sig.output_fields, demo)
+        if user and reply:
+            messages.append(("user", user))
+            messages.append(("assistant", reply))
+    messages.append(("user", format_fields(sig.input_fields, inputs)))
+    return Prompt(tuple(messages), prefix=sig.output_fields[0].label + ":")
+
+
+def _label_pattern(f: Field) -> str:
+    names = {re.escape(f.label), re.escape(f.name), re.escape(f.name.replace("_", " "))}
+    return "|".join(sorted(names, key=len, reverse=True))
+
+
+def parse_output(sig: Signature, text: str) -> dict:
+    """Split ``text`` (prefix included) into the signature's output fields."""
+    outs = sig.output_fields
+    pattern = re.compile(
+        r"^[ \t*#>\-]*(?:" + "|".join(f"(?P<f{i}>{_label_pattern(f)})" for i, f in enumerate(outs)) + r")[ \t*]*:",
+        re.IGNORECASE | re.MULTILINE,
+    )
+    marks: list[tuple[int, int, int]] = []  # (field index, label start, value start)
+    seen: set[int] = set()
+    for m in pattern.finditer(text):
+        idx = next(i for i in range(len(outs)) if m.group(f"f{i}") is not None)
+        if idx in seen:
+            continue  # a field's first occurrence wins; repeats are the model rambling on
+        seen.add(idx)
+        marks.append((idx, m.start(), m.end()))
+    missing = [outs[i].name for i in range(len(outs)) if i not in seen]
+    if missing:
+        raise ParseError(f"{sig.name}: reply has no {', '.join(missing)} field", text, missing)
+    result = {}
+    for k, (idx, _start, vstart) in enumerate(marks):
+        end = len(text)
+        later = [s for _, s, _ in marks if s > vstart]
+        if later:
+            end = min(later)
+        value = text[vstart:end].strip()
+        f = outs[idx]
+        if not f.multiline:
+            value = next((line.strip() for line in value.splitlines() if line.strip()), "")
+            value = value.strip("*").strip()
+        result[f.name] = value
+    for f in outs:
+        if not f.multiline and not result[f.name]:
+            raise ParseError(f"{sig.name}: field {f.name} is empty", text, [f.name])
+    return result
