@@ -182,3 +182,28 @@ def build_tiny_model(out: str | Path, seed: int = 0, hidden: int = 64, layers: i
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     return out
+
+
+def checkpoint_fingerprint(path: str | Path) -> str:
+    """Content hash of a checkpoint or adapter directory (config + weight files).
+
+    Reads the config/adapter_config text and, for each weight file, its size
+    and first and last MiB: cheap, and different for any retrained adapter or
+    re-quantized model.
+    """
+    import hashlib
+
+    p = Path(path)
+    h = hashlib.sha256()
+    for f in sorted(p.iterdir()):
+        if f.name in ("config.json", "adapter_config.json"):
+            h.update(f.name.encode() + f.read_bytes())
+        elif f.suffix in (".safetensors", ".bin"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with open(f, "rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read(1 << 20))
+    return h.hexdigest()[:16]
