@@ -90,8 +90,9 @@ class Usage:
             self.prompt_tokens += c.prompt_tokens
             self.output_tokens += c.output_tokens
 
-    def minus(self, other: "Usage") -> "Usage":
-        return Usage(*(a - b for a, b in zip(asdict(self).values(), asdict(other).values())))
+    def merge(self, other: "Usage") -> None:
+        for k, v in asdict(other).items():
+            setattr(self, k, getattr(self, k) + v)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -243,6 +244,9 @@ class LM(ABC):
                 f"{self.context_length}; use fewer or shorter demos or inputs"
             )
         return min(req.params.max_tokens, room)
+
+    def start(self) -> None:
+        """Load weights / start the engine now rather than at the first call."""
 
     def close(self) -> None:
         """Release engine resources. The base class holds none."""

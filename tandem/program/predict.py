@@ -31,6 +31,7 @@ class Predict(Module):
         lm: LM | None = None,
         max_tokens: int = 256,
         temperature: float = 0.0,
+        fill_missing: bool = True,
     ) -> None:
         sig = Signature.ensure(signature)
         if instructions is not None:
@@ -39,6 +40,7 @@ class Predict(Module):
         self.demos: list[dict] = []
         self.lm = lm
         self.params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
+        self.fill_missing = fill_missing
         self.name = "self"
 
     # -- the call -------------------------------------------------------------------
@@ -59,15 +61,48 @@ class Predict(Module):
     def forward(self, **inputs: Any) -> Prediction:
         lm = self.get_lm()
         req = self.request(inputs, lm)
-        completion = lm.complete(req)
         assert req.prompt is not None
-        full = req.prompt.prefix + completion.text
-        outputs = parse_output(self.signature, full)
         t = current_trace()
+        completion = lm.complete(req)
+        if t is not None:
+            t.usage.add(completion)
+        reply = completion.text
+        if self.fill_missing:
+            reply = self._fill_missing(lm, req, reply, t)
+        outputs = parse_output(self.signature, req.prompt.prefix + reply)
         if t is not None:
             shown = {f.name: inputs[f.name] for f in self.signature.input_fields}
-            t.record(self.name, shown, outputs, req.text, completion.text)
+            t.record(self.name, shown, outputs, req.text, reply)
         return Prediction(outputs)
+
+    def _fill_missing(self, lm: LM, req: Request, reply: str, t) -> str:
+        """Ask for output fields the reply left out, one label at a time.
+
+        Small models often write the first field and stop or ramble. Writing
+        the next label ourselves and letting the model continue (the engine's
+        prefix cache makes this cheap) gets a parseable reply; the completed
+        reply is what a trace records, so fine-tuning teaches the model to
+        write every field by itself.
+        """
+        for _ in range(len(self.signature.output_fields)):
+            try:
+                parse_output(self.signature, req.prompt.prefix + reply)
+                return reply
+            except ParseError as exc:
+                all_missing = exc.missing
+            field = next(f for f in self.signature.output_fields if f.name == all_missing[0])
+            present = [f.name for f in self.signature.output_fields if f.name not in all_missing]
+            if field.name != self.signature.output_fields[len(present)].name:
+                return reply  # fields out of order: leave it to the parser to report
+            reply = reply.rstrip() + f"\n{field.label}:"
+            stop = () if field.multiline else ("\n",)
+            cont = lm.complete(Request(req.text + reply, SamplingParams(
+                self.params.temperature, min(self.params.max_tokens, 64 if stop else self.params.max_tokens), stop,
+                self.params.seed)))
+            if t is not None:
+                t.usage.add(cont)
+            reply += cont.text
+        return reply
 
     def __call__(self, **inputs: Any) -> Prediction:
         return self.forward(**inputs)

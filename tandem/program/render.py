@@ -81,30 +81,26 @@ def parse_output(sig: Signature, text: str) -> dict:
         r"^[ \t*#>\-]*(?:" + "|".join(f"(?P<f{i}>{_label_pattern(f)})" for i, f in enumerate(outs)) + r")[ \t*]*:",
         re.IGNORECASE | re.MULTILINE,
     )
-    marks: list[tuple[int, int, int]] = []  # (field index, label start, value start)
-    seen: set[int] = set()
+    marks = []  # (field index, label start, value start), in text order
     for m in pattern.finditer(text):
         idx = next(i for i in range(len(outs)) if m.group(f"f{i}") is not None)
-        if idx in seen:
-            continue  # a field's first occurrence wins; repeats are the model rambling on
-        seen.add(idx)
         marks.append((idx, m.start(), m.end()))
-    missing = [outs[i].name for i in range(len(outs)) if i not in seen]
+    values: dict[int, list[str]] = {}
+    for k, (idx, _start, vstart) in enumerate(marks):
+        end = marks[k + 1][1] if k + 1 < len(marks) else len(text)
+        value = text[vstart:end].strip()
+        if not outs[idx].multiline:
+            value = next((line.strip() for line in value.splitlines() if line.strip()), "")
+            value = value.strip("*").strip()
+        values.setdefault(idx, []).append(value)
+    missing = [outs[i].name for i in range(len(outs)) if i not in values]
     if missing:
         raise ParseError(f"{sig.name}: reply has no {', '.join(missing)} field", text, missing)
     result = {}
-    for k, (idx, _start, vstart) in enumerate(marks):
-        end = len(text)
-        later = [s for _, s, _ in marks if s > vstart]
-        if later:
-            end = min(later)
-        value = text[vstart:end].strip()
-        f = outs[idx]
-        if not f.multiline:
-            value = next((line.strip() for line in value.splitlines() if line.strip()), "")
-            value = value.strip("*").strip()
-        result[f.name] = value
-    for f in outs:
+    for i, f in enumerate(outs):
+        # The first non-empty occurrence wins: repeats are the model rambling on,
+        # an empty one was followed by a retry of the same label.
+        result[f.name] = next((v for v in values[i] if v), "")
         if not f.multiline and not result[f.name]:
             raise ParseError(f"{sig.name}: field {f.name} is empty", text, [f.name])
     return result

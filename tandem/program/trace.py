@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from tandem.lm.base import Usage
+
 
 @dataclass
 class TraceEntry:
@@ -32,6 +34,9 @@ class TraceEntry:
 @dataclass
 class Trace:
     entries: list[TraceEntry] = field(default_factory=list)
+    # Tokens of every LM call made under this trace, parse failures included:
+    # evaluations sum these, which stays exact when evaluations run concurrently.
+    usage: Usage = field(default_factory=Usage)
 
     def record(self, predictor: str, inputs: dict, outputs: dict, prompt: str, completion: str) -> None:
         index = sum(1 for e in self.entries if e.predictor == predictor)

@@ -1,0 +1,169 @@
+"""Evaluate a program on a dataset, concurrently.
+
+Every example runs in its own thread, so the LM backend receives many
+requests at once (vLLM batches them continuously). Failures are counted
+apart from wrong answers: a reply that does not parse, an exception in the
+program, a metric that raises or returns a non-number. A failed example
+scores 0 and keeps its error message; it never stops the evaluation.
+
+    result = evaluate(program, devset, metric, num_threads=64)
+    result.score, result.failures, result.records[0].prediction
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterable
+
+from tandem.lm.base import ContextLengthError, LMError, Usage
+from tandem.program.example import Example, Prediction
+from tandem.program.module import Module
+from tandem.program.render import ParseError
+from tandem.program.trace import Trace, trace
+
+log = logging.getLogger(__name__)
+
+Metric = Callable[..., float]
+
+
+class MetricError(TypeError):
+    """The metric returned something that is not a number."""
+
+
+@dataclass
+class Record:
+    index: int
+    example: dict
+    prediction: dict | None
+    score: float
+    failure: str | None = None  # "parse", "context", "lm", "program", "metric"
+    error: str | None = None
+    trace: list[dict] | None = None
+    usage: Usage = field(default_factory=Usage)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class EvalResult:
+    score: float  # mean metric in [0, 100] scale, failures counted as 0
+    n: int
+    correct: float
+    failures: dict[str, int]
+    records: list[Record]
+    wall_s: float
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def n_failed(self) -> int:
+        return sum(self.failures.values())
+
+    def summary(self) -> dict:
+        return {
+            "score": round(self.score, 2), "n": self.n, "failed": self.n_failed,
+            "failures": dict(self.failures), "wall_s": round(self.wall_s, 2), **self.usage.to_dict(),
+        }
+
+    def to_dict(self) -> dict:
+        return {**self.summary(), "records": [r.to_dict() for r in self.records]}
+
+
+def call_metric(metric: Metric, example: Example, prediction: Prediction, trace_: Trace | None) -> float:
+    """Call ``metric(example, prediction, trace)``; metrics may omit the trace argument."""
+    try:
+        value = metric(example, prediction, trace_)
+    except TypeError as exc:
+        if "positional argument" not in str(exc):
+            raise
+        value = metric(example, prediction)
+    if isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, numbers.Real) or math.isnan(float(value)):
+        raise MetricError(f"metric returned {value!r} ({type(value).__name__}); it must return a number or bool")
+    return float(value)
+
+
+def classify_failure(exc: BaseException) -> str:
+    if isinstance(exc, ParseError):
+        return "parse"
+    if isinstance(exc, ContextLengthError):
+        return "context"
+    if isinstance(exc, LMError):
+        return "lm"
+    return "program"
+
+
+def run_example(
+    program: Module, example: Example, metric: Metric | None, index: int = 0, keep_trace: bool = False
+) -> tuple[Record, Trace]:
+    """Run one example under a trace; never raises for the example's own errors."""
+    with trace() as t:
+        try:
+            pred = program(**example.inputs())
+        except Exception as exc:  # noqa: BLE001 - counted, not raised
+            kind = classify_failure(exc)
+            rec = Record(index, dict(example), None, 0.0, kind, f"{type(exc).__name__}: {exc}")
+            if keep_trace:
+                rec.trace = [e.to_dict() for e in t]
+            return rec, t
+    score, failure, error = 0.0, None, None
+    if metric is not None:
+        try:
+            score = call_metric(metric, example, pred, t)
+        except Exception as exc:  # noqa: BLE001 - a raising metric is a counted failure
+            failure, error = "metric", f"{type(exc).__name__}: {exc}"
+    rec = Record(index, dict(example), dict(pred), score, failure, error)
+    if keep_trace:
+        rec.trace = [e.to_dict() for e in t]
+    return rec, t
+
+
+def evaluate(
+    program: Module,
+    dataset: Iterable[Example],
+    metric: Metric,
+    *,
+    num_threads: int = 64,
+    progress: Callable[[int, int], None] | None = None,
+    keep_traces: bool = False,
+) -> EvalResult:
+    """Run ``program`` on every example and score it with ``metric``.
+
+    ``progress(done, total)`` is called after each example (the CLI draws a
+    bar with it). The score is a percentage of the metric's maximum 1.0.
+    """
+    examples = list(dataset)
+    start = time.perf_counter()
+    records: list[Record | None] = [None] * len(examples)
+    usage = Usage()
+    done = 0
+
+    def work(i: int) -> Record:
+        rec, t = run_example(program, examples[i], metric, i, keep_traces)
+        rec.usage = t.usage
+        return rec
+
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples) or 1))) as pool:
+        for rec in pool.map(work, range(len(examples))):
+            records[rec.index] = rec
+            usage.merge(rec.usage)
+            done += 1
+            if progress is not None:
+                progress(done, len(examples))
+    wall = time.perf_counter() - start
+    recs = [r for r in records if r is not None]
+    failures: dict[str, int] = {}
+    for r in recs:
+        if r.failure:
+            failures[r.failure] = failures.get(r.failure, 0) + 1
+    correct = sum(r.score for r in recs)
+    score = 100.0 * correct / len(recs) if recs else 0.0
+    if failures:
+        log.info("evaluation: %d of %d examples failed: %s", sum(failures.values()), len(recs), failures)
+    return EvalResult(score, len(recs), correct, failures, recs, wall, usage)

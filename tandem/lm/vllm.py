@@ -1,0 +1,299 @@
+"""The default backend: vLLM in-process, with continuous batching.
+
+One engine per checkpoint is started lazily and shared by every ``VLLM``
+object that points at it (candidates, steps, adapters), because starting an
+engine costs ~35 s on a 2-core CPU. A loop thread owns the engine: it adds
+requests as they arrive from any thread and steps the engine, so requests
+from 64 concurrent program runs (and from later hops of a multi-hop program)
+join the running batch instead of waiting for it to finish.
+
+Adapters are served one of two ways (``adapter_mode``):
+
+- ``"lora"``: the base engine with ``enable_lora`` and a LoRARequest per call;
+  no extra engine, best on GPUs;
+- ``"merge"``: the adapter merged into a copy of the weights, served by its
+  own engine; measured 4-7x faster than LoRA requests on this CPU (design.md),
+  so it is the default on CPUs.
+
+CPU settings (vLLM's CPU docs; design.md's measurements): the OpenMP threads
+are bound to every core and the KV cache is sized by ``kv_cache_gb``; both
+are only defaults, an environment that sets them wins.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import queue
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request
+from tandem.lm.models import checkpoint_fingerprint, has_chat_template, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch means no GPU path
+        return False
+
+
+def _cpu_env(kv_cache_gb: int) -> None:
+    """Defaults for vLLM's CPU backend, set before the engine process starts."""
+    n = os.cpu_count() or 1
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(int(kv_cache_gb)))
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+class _Engine:
+    """One vLLM engine and the thread that feeds it."""
+
+    def __init__(self, model_dir: Path, options: dict) -> None:
+        from vllm import EngineArgs, LLMEngine
+
+        self.model_dir = model_dir
+        self.options = options
+        args = EngineArgs(model=str(model_dir), **options)
+        log.info("starting vLLM engine for %s (%s)", model_dir, options)
+        self.engine = LLMEngine.from_engine_args(args)
+        self.tokenizer = self.engine.get_tokenizer()
+        self.max_model_len = self.engine.model_config.max_model_len
+        self._queue: queue.Queue = queue.Queue()
+        self._ids = itertools.count()
+        self._pending: dict[str, tuple[Future, int]] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name=f"vllm-{model_dir.name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, token_ids: list[int], params, lora_request=None) -> Future:
+        fut: Future = Future()
+        if self._closed:
+            fut.set_exception(LMError(f"vLLM engine for {self.model_dir} is closed"))
+            return fut
+        self._queue.put((token_ids, params, lora_request, fut))
+        return fut
+
+    def _add(self, item) -> None:
+        token_ids, params, lora_request, fut = item
+        rid = str(next(self._ids))
+        try:
+            self.engine.add_request(
+                rid, {"prompt_token_ids": token_ids}, params, lora_request=lora_request
+            )
+        except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+            fut.set_exception(LMError(f"vLLM rejected a request: {exc}"))
+            return
+        self._pending[rid] = (fut, len(token_ids))
+
+    def _loop(self) -> None:
+        while not self._closed:
+            if not self._pending:
+                item = self._queue.get()
+                if item is None:
+                    break
+                self._add(item)
+            while True:  # everything that arrived joins the running batch
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._closed = True
+                    break
+                self._add(item)
+            if not self._pending:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # noqa: BLE001 - fail every waiting caller, loudly
+                log.exception("vLLM engine step failed")
+                for fut, _ in self._pending.values():
+                    fut.set_exception(LMError(f"vLLM engine for {self.model_dir} failed: {exc}"))
+                self._pending.clear()
+                self._closed = True
+                break
+            for out in outputs:
+                if not out.finished:
+                    continue
+                fut, n_prompt = self._pending.pop(out.request_id)
+                o = out.outputs[0]
+                fut.set_result(
+                    Completion(o.text, n_prompt, len(o.token_ids), str(o.finish_reason or "stop"))
+                )
+        for fut, _ in self._pending.values():
+            if not fut.done():
+                fut.set_exception(LMError("vLLM engine closed with requests in flight"))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        self._closed = True
+        try:
+            self.engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - best effort at shutdown
+            pass
+
+
+_engines: dict[tuple, _Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def _get_engine(model_dir: Path, options: dict) -> _Engine:
+    key = (str(model_dir), tuple(sorted(options.items())))
+    with _engines_lock:
+        eng = _engines.get(key)
+        if eng is None or eng._closed:
+            eng = _Engine(model_dir, options)
+            _engines[key] = eng
+        return eng
+
+
+def shutdown_engines() -> None:
+    """Stop every engine this process started (tests, end of a CLI run)."""
+    with _engines_lock:
+        for eng in _engines.values():
+            eng.close()
+        _engines.clear()
+
+
+class VLLM(LM):
+    """vLLM in-process. ``model``: an embedded model name or a checkpoint dir."""
+
+    def __init__(
+        self,
+        model: str | Path = "smollm2-135m",
+        *,
+        adapter: str | Path | None = None,
+        adapter_mode: str | None = None,
+        max_model_len: int = 4096,
+        kv_cache_gb: int = 2,
+        enforce_eager: bool = True,
+        dtype: str = "bfloat16",
+        max_lora_rank: int = 64,
+        cache: bool = True,
+        **engine_options,
+    ) -> None:
+        self.model_dir = resolve_model(model)
+        super().__init__(f"vllm:{model}", cache=cache)
+        self.model = str(model)
+        self.adapter = Path(adapter) if adapter else None
+        gpu = _cuda_available()
+        self.adapter_mode = adapter_mode or ("lora" if gpu else "merge")
+        if self.adapter_mode not in ("lora", "merge"):
+            raise ValueError(f"adapter_mode must be 'lora' or 'merge', not {self.adapter_mode!r}")
+        if not gpu:
+            _cpu_env(kv_cache_gb)
+        # enforce_eager: graph compilation did not reload from its cache here and
+        # cost 60-70 s at every start, more than it saves on short jobs (design.md).
+        self.options = dict(
+            max_model_len=max_model_len, enforce_eager=enforce_eager, dtype=dtype,
+            enable_prefix_caching=True, seed=0, **engine_options,
+        )
+        if self.adapter_mode == "lora":
+            self.options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)
+        self.context_length = max_model_len
+        self._chat = has_chat_template(self.model_dir)
+        self._lora_request = None
+        self._fingerprint: str | None = None
+
+    # -- engine ------------------------------------------------------------------
+    def _serving_dir(self) -> Path:
+        if self.adapter is None or self.adapter_mode == "lora":
+            return self.model_dir
+        merged = self.adapter / "merged"
+        if not (merged / "config.json").exists():
+            from tandem.train.lora import merge_adapter
+
+            merge_adapter(self.model_dir, self.adapter, merged)
+        return merged
+
+    def engine(self) -> _Engine:
+        return _get_engine(self._serving_dir(), self.options)
+
+    def _lora(self):
+        if self.adapter is None or self.adapter_mode != "lora":
+            return None
+        if self._lora_request is None:
+            from vllm.lora.request import LoRARequest
+
+            # Stable small integer id per adapter folder: vLLM caches by id.
+            lora_id = int(checkpoint_fingerprint(self.adapter)[:7], 16) + 1
+            self._lora_request = LoRARequest(self.adapter.name, lora_id, str(self.adapter))
+        return self._lora_request
+
+    def with_adapter(self, adapter: str | Path | None) -> "VLLM":
+        new = object.__new__(VLLM)
+        new.__dict__.update(self.__dict__)
+        LM.__init__(new, f"vllm:{self.model}" + (f"+{Path(adapter).name}" if adapter else ""), cache=self.cache or False)
+        new.adapter = Path(adapter) if adapter else None
+        new._lora_request = None
+        new._fingerprint = None
+        return new
+
+    # -- protocol ----------------------------------------------------------------
+    def fingerprint(self) -> str:
+        if self._fingerprint is None:
+            fp = f"vllm:{checkpoint_fingerprint(self.model_dir)}:{self.options['dtype']}"
+            if self.adapter is not None:
+                fp += f"+{checkpoint_fingerprint(self.adapter)}:{self.adapter_mode}"
+            self._fingerprint = fp
+        return self._fingerprint
+
+    def chat_template(self, prompt: Prompt) -> str | None:
+        if not self._chat:
+            return None
+        msgs = [{"role": r, "content": c} for r, c in prompt.messages]
+        return self.engine().tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    def tokenize(self, text: str) -> list[int]:
+        tok = self.engine().tokenizer
+        bos = getattr(tok, "bos_token", None)
+        special = not (bos and text.startswith(bos))
+        return tok.encode(text, add_special_tokens=special)
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenize(text))
+
+    def _enqueue(self, request: Request, fut: Future, key: str | None) -> None:
+        from vllm import SamplingParams as VSP
+
+        try:
+            ids = self.tokenize(request.text)
+            max_tokens = self.check_fits(request, len(ids))
+        except ContextLengthError as exc:
+            fut.set_exception(exc)
+            return
+        p = request.params
+        params = VSP(
+            temperature=p.temperature, max_tokens=max_tokens, stop=list(p.stop) or None,
+            seed=p.seed, skip_special_tokens=True,
+        )
+        inner = self.engine().submit(ids, params, self._lora())
+        inner.add_done_callback(
+            lambda f: self._finish(fut, key, f.exception() or f.result())
+        )
+
+    def _generate(self, requests: list[Request]) -> list[Completion]:
+        futs = []
+        for r in requests:
+            f: Future = Future()
+            self._enqueue(r, f, None)
+            futs.append(f)
+        return [f.result() for f in futs]
+
+    def start(self) -> None:
+        self.engine()
+
+    def close(self) -> None:
+        shutdown_engines()

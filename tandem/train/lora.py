@@ -1,0 +1,274 @@
+"""LoRA training on SFT examples (the weight step ``w`` of BetterTogether).
+
+    from tandem.train import LoRAConfig, SFTExample, train_lora
+    result = train_lora(model_dir, [SFTExample(prompt, completion)], LoRAConfig(), "run/adapter")
+    result.adapter_dir  # a PEFT folder; see tandem.train.adapter
+
+The loss is the mean cross-entropy over completion tokens only (EOS
+included). The language-model head is applied only at those positions: with
+a 49k-262k-token vocabulary, a full-sequence head costs as much as the rest
+of the network, and on prompts that are mostly demos and passages nearly all
+of that work would be thrown away. The network body runs under bf16 autocast
+where the hardware computes bf16 natively (CUDA, CPUs with AVX512-BF16 or
+AMX); LoRA weights and optimizer state stay in fp32.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tandem.train.adapter import write_meta
+from tandem.train.sft import SFTExample, TokenizedExample, tokenize_examples
+
+log = logging.getLogger(__name__)
+
+# Every linear projection of a Llama/Mistral/Gemma/Qwen block. Adapting the MLP
+# as well as attention gives LoRA most of full fine-tuning's quality (QLoRA
+# paper) at ~2x the adapter size, which is still small.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class NothingToTrain(ValueError):
+    """No usable SFT example: none given, or all longer than ``max_length``.
+
+    A weight step after a zero-shot program that passed no training example
+    ends here (the paper's "-" cells); callers skip the step and say so.
+    """
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int = 32  # the paper's setting; enough capacity for a few thousand examples
+    alpha: int = 64  # the paper's; alpha/rank = 2 scales the adapter's update
+    dropout: float = 0.0  # the paper's; 5 short epochs over ~100s of examples barely overfit
+    target_modules: tuple[str, ...] = ALL_LINEAR  # attention + MLP: see ALL_LINEAR
+    epochs: int = 5  # the paper's
+    batch_size: int = 8  # the paper's; examples per optimizer step
+    # The paper's 1e-5 was for 7-8B models; on SmolLM2-135M it hardly moves the
+    # loss in 5 epochs. 3e-4 was the rate that lowered held-out completion loss
+    # most here (measurement in docs/training.md).
+    learning_rate: float = 3e-4
+    warmup_ratio: float = 0.1  # linear warm-up: Adam's first steps are the noisiest; then constant,
+    # because these runs are a few dozen steps and a decay would spend half of them at a tiny rate
+    weight_decay: float = 0.0  # LoRA starts at zero and runs are short: nothing to regularise towards
+    max_grad_norm: float = 1.0  # guards against a rare huge step on a long, unusual example
+    max_length: int = 2048  # tokens (prompt + completion); longer examples are dropped, with a warning
+    seed: int = 0  # LoRA initialisation and example order
+    bf16: bool | None = None  # None: bf16 autocast where the hardware has native bf16 (see bf16_supported)
+    device: str | None = None  # None: cuda if available, else cpu
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        return d
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: Path
+    n_examples: int  # examples trained on (after dropping too-long ones)
+    n_dropped: int  # examples dropped for exceeding max_length
+    steps: int
+    completion_tokens: int  # tokens the loss was computed on, summed over all epochs
+    total_tokens: int  # prompt + completion tokens processed (no padding), all epochs
+    losses: list[float]  # mean completion loss of each optimizer step
+    wall_s: float  # training loop only (model loading and saving excluded)
+    trainable_params: int
+    bf16: bool
+    modules: dict[str, int] = field(default_factory=dict)  # examples per module
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.total_tokens / self.wall_s if self.wall_s else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["adapter_dir"] = str(self.adapter_dir)
+        return d
+
+
+def bf16_supported(device: str) -> bool:
+    """Whether bf16 matmuls run natively (fast) on ``device``.
+
+    On CPUs without AVX512-BF16 or AMX, oneDNN emulates bf16 and is slower
+    than fp32, so the flags are checked, not just whether bf16 works at all.
+    """
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    if device != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return False
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: trust oneDNN
+        return True
+    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def _batches(examples: list[TokenizedExample], batch_size: int, rng: random.Random) -> list[list[int]]:
+    """One epoch of batches: seeded shuffle, then length-sorted within groups of 8 batches.
+
+    Sorting within a group keeps padding low; shuffling before grouping and
+    shuffling the batch order after keep the epoch random.
+    """
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    group = batch_size * 8
+    batches = []
+    for g in range(0, len(order), group):
+        chunk = sorted(order[g : g + group], key=lambda i: len(examples[i]))
+        batches += [chunk[b : b + batch_size] for b in range(0, len(chunk), batch_size)]
+    rng.shuffle(batches)
+    return batches
+
+
+def _collate(examples: list[TokenizedExample], pad_id: int, device):
+    """Right-padded ids, attention mask, and the completion-token mask."""
+    import torch
+
+    width = max(len(e) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(examples), width), dtype=torch.long)
+    target = torch.zeros((len(examples), width), dtype=torch.bool)
+    for row, e in enumerate(examples):
+        ids[row, : len(e)] = torch.tensor(e.input_ids)
+        attn[row, : len(e)] = 1
+        target[row, e.n_prompt : len(e)] = True
+    return ids.to(device), attn.to(device), target.to(device)
+
+
+def completion_loss(causal_lm, ids, attn, target):
+    """Mean cross-entropy over the positions marked in ``target``.
+
+    Runs the transformer body on the whole sequence but the LM head only on
+    the hidden states that predict a target token (position t-1 predicts t).
+    """
+    import torch.nn.functional as F
+
+    hidden = causal_lm.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
+    predicts = target[:, 1:]  # hidden state at t predicts token t+1
+    h = hidden[:, :-1][predicts]
+    logits = causal_lm.get_output_embeddings()(h)
+    return F.cross_entropy(logits.float(), ids[:, 1:][predicts])
+
+
+def train_lora(
+    model_dir: str | os.PathLike,
+    examples: Sequence[SFTExample],
+    config: LoRAConfig = LoRAConfig(),
+    out_dir: str | os.PathLike = "adapter",
+    progress: Callable[[int, int, float], None] | None = None,
+    *,
+    overwrite: bool = False,
+) -> TrainResult:
+    """Train a LoRA adapter on ``examples`` and save it as a PEFT folder in ``out_dir``.
+
+    ``progress(step, total_steps, loss)`` is called after every optimizer
+    step. Raises NothingToTrain when no example is usable, FileExistsError
+    when ``out_dir`` holds files (unless ``overwrite``).
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if not examples:
+        raise NothingToTrain("no SFT examples to train on (no trace passed the metric?)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} already holds files; pick a new directory or pass overwrite=True")
+
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    use_bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    data, n_dropped = tokenize_examples(tokenizer, examples, config.max_length)
+    if not data:
+        raise NothingToTrain(
+            f"all {len(examples)} SFT examples are longer than max_length={config.max_length} tokens"
+        )
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    # With bf16 the frozen base is stored in bf16: autocast would otherwise
+    # re-cast every fp32 weight on each forward. peft keeps LoRA weights fp32.
+    base = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32
+    ).to(device)
+    torch.manual_seed(config.seed)  # LoRA's A matrices are initialised randomly
+    model = get_peft_model(base, PeftLoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+    ))
+    params = [p for p in model.parameters() if p.requires_grad]
+    trainable = sum(p.numel() for p in params)
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(data) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    warmup = max(1, round(config.warmup_ratio * total_steps)) if config.warmup_ratio > 0 else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    log.info(
+        "LoRA r=%d on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s trainable params",
+        config.rank, model_dir.name, len(data), n_dropped, total_steps, config.learning_rate,
+        "bf16" if use_bf16 else "fp32", f"{trainable:,}",
+    )
+
+    causal_lm = model.get_base_model()
+    rng = random.Random(config.seed)
+    losses: list[float] = []
+    completion_tokens = total_tokens = 0
+    model.train()
+    start = time.perf_counter()
+    for _epoch in range(config.epochs):
+        for batch in _batches(data, config.batch_size, rng):
+            rows = [data[i] for i in batch]
+            ids, attn, target = _collate(rows, pad_id, device)
+            with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
+                loss = completion_loss(causal_lm, ids, attn, target)
+            loss.backward()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            completion_tokens += sum(r.n_completion for r in rows)
+            total_tokens += sum(len(r) for r in rows)
+            if progress is not None:
+                progress(len(losses), total_steps, losses[-1])
+            log.debug("step %d/%d loss %.4f", len(losses), total_steps, losses[-1])
+    wall = time.perf_counter() - start
+
+    modules: dict[str, int] = {}
+    for d in data:
+        modules[d.module] = modules.get(d.module, 0) + 1
+    result = TrainResult(
+        adapter_dir=out_dir, n_examples=len(data), n_dropped=n_dropped, steps=len(losses),
+        completion_tokens=completion_tokens, total_tokens=total_tokens, losses=losses,
+        wall_s=wall, trainable_params=trainable, bf16=use_bf16, modules=modules,
+    )
+    _save(model, model_dir, out_dir, config, result)
+    log.info("trained %d steps in %.1fs (%.0f tokens/s), loss %.3f -> %.3f; saved %s",
+             result.steps, wall, result.tokens_per_s, losses[0], losses[-1], out_dir)
+    return result
+
+
+def _save(model, model_dir: Path, out_dir: Path, config: LoRAConfig, result: TrainResult) -> None:
+    """PEFT files + tandem_adapter.json, written under a temporary name then renamed."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    training = result.to_dict()
+    training.pop("adapter_dir")
+    training["final_loss"] = result.losses[-1]
+    write_meta(tmp, model_dir, config.to_dict(), training)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
