@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import pytest
 
+from tandem.settings import settings
+
+
+@pytest.fixture(autouse=True)
+def _clean_state(monkeypatch):
+    """No global LM and no shared call cache leak between tests."""
+    monkeypatch.setenv("TANDEM_CACHE", "0")
+    settings.reset()
+    yield
+    settings.reset()
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
@@ -11,3 +22,15 @@ def tiny_model_dir(tmp_path_factory):
     from tandem.lm.models import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="session")
+def smollm_vllm():
+    """The real embedded model on the in-process vLLM engine, shared by the slow tests."""
+    pytest.importorskip("vllm")
+    from tandem.lm.vllm import VLLM, shutdown_engines
+
+    lm = VLLM("smollm2-135m", cache=False)
+    lm.start()
+    yield lm
+    shutdown_engines()

@@ -89,6 +89,8 @@ def parse_output(sig: Signature, text: str) -> dict:
     for k, (idx, _start, vstart) in enumerate(marks):
         end = marks[k + 1][1] if k + 1 < len(marks) else len(text)
         value = text[vstart:end].strip()
+        # "Answer: Answer: 4": the model repeated the label we had written for it.
+        value = re.sub(r"^(?:" + _label_pattern(outs[idx]) + r")[ \t*]*:[ \t]*", "", value, flags=re.IGNORECASE)
         if not outs[idx].multiline:
             value = next((line.strip() for line in value.splitlines() if line.strip()), "")
             value = value.strip("*").strip()

@@ -1,0 +1,54 @@
+"""The real embedded model through the in-process vLLM engine (slow, in CI)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tandem.evaluate import evaluate
+from tandem.lm import Request, SamplingParams
+from tandem.lm.base import ContextLengthError
+from tandem.tasks.iris import IrisClassifier, iris_metric, load_iris, split_iris
+
+pytestmark = pytest.mark.slow
+
+
+def test_iris_evaluation_end_to_end(smollm_vllm):
+    dev = split_iris(load_iris(), seed=0)["dev"][:12]
+    program = IrisClassifier().set_lm(smollm_vllm)
+    result = evaluate(program, dev, iris_metric, num_threads=12)
+    assert result.n == 12
+    # Every example either parsed into a species or was counted as a failure.
+    for r in result.records:
+        assert (r.failure is None) == (r.prediction is not None)
+        if r.prediction:
+            assert r.prediction["species"] and r.prediction["reasoning"]
+    assert result.usage.calls >= 12 and result.usage.output_tokens > 0
+    # The first call of each example is the prompt; a second only when a field was missing.
+    assert result.usage.calls <= 24
+
+
+def test_greedy_is_deterministic_and_batched_equals_single(smollm_vllm):
+    reqs = [Request(f"<|im_start|>user\nCount to {i}<|im_end|>\n<|im_start|>assistant\n", SamplingParams(max_tokens=16)) for i in range(3, 9)]
+    batched = [c.text for c in smollm_vllm.generate(reqs)]
+    single = [smollm_vllm.complete(r).text for r in reqs]
+    assert batched == single
+    assert all(batched)
+
+
+def test_stop_strings_seeds_and_token_counts(smollm_vllm):
+    r = Request("<|im_start|>user\nList three colours, one per line.<|im_end|>\n<|im_start|>assistant\n",
+                SamplingParams(max_tokens=40, stop=("\n",)))
+    c = smollm_vllm.complete(r)
+    assert "\n" not in c.text and c.output_tokens <= 40
+    assert c.prompt_tokens == smollm_vllm.count_tokens(r.text)
+    s = SamplingParams(temperature=1.0, max_tokens=12, seed=7)
+    a = smollm_vllm.complete(Request(r.text, s)).text
+    b = smollm_vllm.complete(Request(r.text, s)).text
+    assert a == b
+
+
+def test_prompt_longer_than_context_is_a_clear_error(smollm_vllm):
+    with pytest.raises(ContextLengthError, match="context window"):
+        smollm_vllm.complete(Request("word " * 5000))
+    # the engine still serves others afterwards
+    assert smollm_vllm.complete(Request("Hello", SamplingParams(max_tokens=4))).output_tokens > 0
