@@ -28,9 +28,16 @@ class FakeLM(LM):
         self._reply = reply if callable(reply) else (lambda _t, r=reply: r)
         self.chat = chat
         self.adapter = adapter
+        self._base_reply = self._reply
+        # Tests script how "trained" weights answer: adapter path -> reply function.
+        self.adapter_replies: dict[str, Callable[[str], str]] = {}
+        self.model_dir = None  # tests point this at a folder to allow weight steps
         self.prompts: list[str] = []
         self.batches: list[int] = []
         self._lock = threading.Lock()
+
+    def spec(self) -> dict:
+        return {"backend": "fake", "model": self.name, "adapter": self.adapter}
 
     def fingerprint(self) -> str:
         return f"fake:{self.name}:{self.adapter}"
@@ -50,5 +57,10 @@ class FakeLM(LM):
             out.append(Completion(text, self.count_tokens(r.text), self.count_tokens(text)))
         return out
 
-    def with_adapter(self, adapter: str, reply: Callable[[str], str] | None = None) -> "FakeLM":
-        return FakeLM(reply or self._reply, name=self.name, chat=self.chat, adapter=adapter)
+    def with_adapter(self, adapter, reply: Callable[[str], str] | None = None) -> "FakeLM":
+        new = FakeLM(reply or self.adapter_replies.get(str(adapter), self._reply) if adapter else self._base_reply,
+                     name=self.name, chat=self.chat, adapter=str(adapter) if adapter else None)
+        new._base_reply = self._base_reply
+        new.adapter_replies = self.adapter_replies
+        new.model_dir = self.model_dir
+        return new

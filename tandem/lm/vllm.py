@@ -32,6 +32,7 @@ from pathlib import Path
 
 from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request
 from tandem.lm.models import checkpoint_fingerprint, has_chat_template, resolve_model
+from tandem.settings import tandem_home
 
 log = logging.getLogger(__name__)
 
@@ -211,9 +212,12 @@ class VLLM(LM):
     def _serving_dir(self) -> Path:
         if self.adapter is None or self.adapter_mode == "lora":
             return self.model_dir
-        merged = self.adapter / "merged"
+        # Merged copies live in the cache, not in the adapter folder: the
+        # adapter stays a plain PEFT folder that saves and ships small.
+        key = f"{checkpoint_fingerprint(self.model_dir)}-{checkpoint_fingerprint(self.adapter)}"
+        merged = tandem_home() / "merged" / key
         if not (merged / "config.json").exists():
-            from tandem.train.lora import merge_adapter
+            from tandem.train.adapter import merge_adapter
 
             merge_adapter(self.model_dir, self.adapter, merged)
         return merged
@@ -240,6 +244,9 @@ class VLLM(LM):
         new._lora_request = None
         new._fingerprint = None
         return new
+
+    def spec(self) -> dict:
+        return {"backend": "vllm", "model": self.model, "adapter": str(self.adapter) if self.adapter else None}
 
     # -- protocol ----------------------------------------------------------------
     def fingerprint(self) -> str:

@@ -108,6 +108,12 @@ class Module:
                 out.append(p.lm)
         return out
 
+    def save(self, directory, *, seed: int | None = None):
+        """Write program.json and adapter folders to ``directory`` (see persist.py)."""
+        from tandem.program.persist import save_program
+
+        return save_program(self, directory, seed=seed)
+
     # -- state (prompts only; saving with models lives in tandem.program.persist) --
     def dump_state(self) -> dict:
         return {name: p.dump_state() for name, p in self.named_predictors()}

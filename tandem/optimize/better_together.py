@@ -1,0 +1,237 @@
+"""BetterTogether: prompt and weight steps in alternation, as a strategy string.
+
+    bt = BetterTogether(metric, strategy="p -> w -> p", run_dir="runs/iris")
+    result = bt.compile(program, trainset=train, valset=dev, seed=0)
+
+Steps (``p``: RandomSearch, ``w``: BootstrapFinetune, or any name given in
+``optimizers={"name": optimizer}``) run left to right. A prompt step always restarts from the
+*original* prompts, on the weights current at that point (the paper's
+``Pi'' = OptimizePrompts(program<Theta', Pi>)``). A weight step trains on
+traces of the current program (current prompts and weights).
+
+Splits. The inner optimizers get the training set only: prompt steps
+bootstrap on one part of it and pick their candidate on the other part
+(Iris: 15 / 35, as in the paper), weight steps bootstrap on all of it. The
+``valset`` is used only here, to score the program after each step and to
+pick the returned program: a split that no inner optimizer selected on.
+
+Run directory. After each step, ``steps/NN-kind/`` receives the program
+(program.json + adapters) and its record; ``resume=True`` reloads the steps
+that finished and continues with the next one. Step seeds derive from
+(seed, step index), so a resumed run makes the same choices.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from tandem.evaluate.evaluate import Metric, evaluate
+from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
+from tandem.optimize.finetune import BootstrapFinetune
+from tandem.optimize.random_search import RandomSearch
+from tandem.program.example import Example
+from tandem.program.module import Module
+from tandem.program.persist import load_program, save_program
+
+log = logging.getLogger(__name__)
+
+_STEP = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class StrategyError(ValueError):
+    pass
+
+
+def parse_strategy(strategy: str, known: set[str]) -> list[str]:
+    """``"p -> w -> p"`` -> ``["p", "w", "p"]``; unknown steps are an error."""
+    steps = [s.strip() for s in strategy.split("->")]
+    if not strategy.strip() or any(not s for s in steps):
+        raise StrategyError(f"empty step in strategy {strategy!r}; write steps like 'p -> w -> p'")
+    for s in steps:
+        if not _STEP.match(s) or s not in known:
+            raise StrategyError(
+                f"unknown step {s!r} in strategy {strategy!r}; known steps: {', '.join(sorted(known))} "
+                "(add your own with BetterTogether(optimizers={'name': optimizer}))"
+            )
+    return steps
+
+
+@dataclass
+class SplitPlan:
+    """How the training set is divided for prompt steps (paper: Iris 15/35, GSM8K 100/250)."""
+
+    prompt_train: int | None = None  # examples the prompt step bootstraps on
+    prompt_val: int | None = None  # examples it selects its candidate on
+
+    def split(self, trainset: list[Example], seed: int) -> tuple[list[Example], list[Example]]:
+        data = list(trainset)
+        random.Random(seed).shuffle(data)
+        n_train = self.prompt_train or max(1, len(data) * 3 // 10)
+        n_val = self.prompt_val or (len(data) - n_train)
+        if n_train + n_val > len(data):
+            raise ValueError(
+                f"the prompt step needs {n_train} + {n_val} training examples, the training set has {len(data)}"
+            )
+        return data[:n_train], data[n_train:n_train + n_val]
+
+
+@dataclass
+class BetterTogether:
+    metric: Metric
+    strategy: str = "p -> w -> p"
+    prompt_optimizer: RandomSearch | None = None
+    weight_optimizer: BootstrapFinetune | None = None
+    splits: SplitPlan = field(default_factory=SplitPlan)
+    run_dir: str | Path | None = None
+    num_threads: int = 64
+    optimizers: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.prompt_optimizer = self.prompt_optimizer or RandomSearch(self.metric, num_threads=self.num_threads)
+        self.weight_optimizer = self.weight_optimizer or BootstrapFinetune(self.metric, num_threads=self.num_threads)
+        self.optimizers = {"p": self.prompt_optimizer, "w": self.weight_optimizer, **self.optimizers}
+        self.steps = parse_strategy(self.strategy, set(self.optimizers))
+
+    def with_strategy(self, strategy: str) -> "BetterTogether":
+        """The same optimizers under another strategy string."""
+        from dataclasses import replace
+
+        return replace(self, strategy=strategy)
+
+    # -- the run ---------------------------------------------------------------------
+    def compile(
+        self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
+        resume: bool = False, progress: Progress | None = None,
+        on_step: Callable[[StepRecord], None] | None = None,
+    ) -> CompileResult:
+        check_dataset("trainset", trainset, minimum=2)
+        check_dataset("valset", valset)
+        run_dir = Path(self.run_dir) if self.run_dir else None
+        original = program.deepcopy()  # never touch the caller's program
+        current = original.deepcopy()
+        history: list[StepRecord] = []
+        programs: list[Module] = []
+        start_index = 0
+        if run_dir is not None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_plan(run_dir, seed)
+            if resume:
+                history, programs = self._load_finished(run_dir, original)
+                start_index = len(history)
+                if programs:
+                    current = programs[-1]
+                if start_index:
+                    log.info("resuming after %d finished step(s)", start_index)
+
+        for i in range(start_index, len(self.steps)):
+            kind = self.steps[i]
+            step_seed = seed * 100 + i
+            t0 = time.perf_counter()
+            try:
+                result = self._run_step(kind, original, current, trainset, step_seed, run_dir, i, progress)
+            except Exception as exc:
+                rec = StepRecord(i, kind, status="failed", wall_s=time.perf_counter() - t0,
+                                 detail=f"{type(exc).__name__}: {exc}")
+                history.append(rec)
+                if run_dir is not None:
+                    self._write_history(run_dir, history)
+                raise
+            rec = result.history[-1]
+            rec.index, rec.kind = i, kind
+            if rec.status == "ok" or not programs:
+                candidate = result.program
+            else:
+                candidate = current  # a skipped step leaves the program as it was
+            if progress:
+                progress(f"step {i + 1} validation", 0, len(valset))
+            val = evaluate(candidate, valset, self.metric, num_threads=self.num_threads,
+                           progress=(lambda d, t: progress(f"step {i + 1} validation", d, t)) if progress else None)
+            rec.val_score = val.score
+            rec.wall_s = time.perf_counter() - t0
+            rec.usage = _add_usage(rec.usage, val.usage.to_dict())
+            rec.extra["val_failures"] = val.failures
+            current = candidate
+            history.append(rec)
+            programs.append(candidate)
+            if run_dir is not None:
+                self._checkpoint(run_dir, i, kind, candidate, rec, seed)
+                self._write_history(run_dir, history)
+            if on_step:
+                on_step(rec)
+
+        # The returned program: best validation score, ties to the later step.
+        best = max(range(len(programs)), key=lambda j: (history[j].val_score or 0.0, j))
+        out = CompileResult(programs[best], history, score=history[best].val_score,
+                            extra={"best_step": best, "final_program": programs[-1]})
+        if run_dir is not None:
+            save_program(out.program, run_dir / "final", seed=seed, extra={"best_step": best, "strategy": self.strategy})
+        return out
+
+    def _run_step(self, kind, original, current, trainset, seed, run_dir, index, progress) -> CompileResult:
+        opt = self.optimizers[kind]
+        if kind == "p" or isinstance(opt, RandomSearch):
+            # Restart from the original prompts, on the current weights.
+            base = original.deepcopy()
+            for (name, p), (_, c) in zip(base.named_predictors(), current.named_predictors()):
+                p.lm = c.lm
+            train, val = self.splits.split(trainset, seed)
+            return opt.compile(base, trainset=train, valset=val, seed=seed, progress=progress)
+        if isinstance(opt, BootstrapFinetune):
+            _, inner_val = self.splits.split(trainset, seed)
+            out = (run_dir / "steps" / f"{index:02d}-{kind}" / "adapters") if run_dir else None
+            return opt.compile(current, trainset=trainset, valset=inner_val, seed=seed,
+                               progress=progress, out_dir=out or Path(tempfile.mkdtemp(prefix="tandem-adapter-")))
+        return opt.compile(current, trainset=trainset, valset=self.splits.split(trainset, seed)[1], seed=seed)
+
+    # -- run directory -----------------------------------------------------------------
+    def _write_plan(self, run_dir: Path, seed: int) -> None:
+        plan = {"strategy": self.strategy, "steps": self.steps, "seed": seed,
+                "splits": vars(self.splits)}
+        path = run_dir / "plan.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old.get("steps") != self.steps or old.get("seed") != seed:
+                raise ValueError(
+                    f"{run_dir} holds a run of strategy {old.get('strategy')!r} seed {old.get('seed')}; "
+                    f"use another run directory for {self.strategy!r} seed {seed}"
+                )
+        path.write_text(json.dumps(plan, indent=1))
+
+    def _checkpoint(self, run_dir: Path, i: int, kind: str, program: Module, rec: StepRecord, seed: int) -> None:
+        d = run_dir / "steps" / f"{i:02d}-{kind}"
+        save_program(program, d / "program", seed=seed)
+        tmp = d / "record.json.tmp"
+        tmp.write_text(json.dumps(rec.to_dict(), indent=1, default=str))
+        tmp.replace(d / "record.json")  # the record is written last: it marks the step finished
+
+    def _write_history(self, run_dir: Path, history: list[StepRecord]) -> None:
+        tmp = run_dir / "history.json.tmp"
+        tmp.write_text(json.dumps([r.to_dict() for r in history], indent=1, default=str))
+        tmp.replace(run_dir / "history.json")
+
+    def _load_finished(self, run_dir: Path, original: Module) -> tuple[list[StepRecord], list[Module]]:
+        history, programs = [], []
+        lms: dict = {}
+        for (name, p) in original.named_predictors():
+            if p.lm is not None and hasattr(p.lm, "spec"):
+                spec = p.lm.spec()
+                lms.setdefault(f"{spec['backend']}:{spec['model']}", p.lm if not spec.get("adapter") else p.lm.with_adapter(None))
+        for i, kind in enumerate(self.steps):
+            d = run_dir / "steps" / f"{i:02d}-{kind}"
+            if not (d / "record.json").exists():
+                break
+            history.append(StepRecord.from_dict(json.loads((d / "record.json").read_text())))
+            programs.append(load_program(d / "program", program=original, lms=lms))
+        return history, programs
+
+
+def _add_usage(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}

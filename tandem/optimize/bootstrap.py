@@ -1,0 +1,171 @@
+"""Bootstrapping: run a program on training inputs and keep what passed.
+
+Both BetterTogether steps start here. A teacher program (by default the
+program itself) runs over training examples under a trace; the metric
+receives the example, the prediction and the trace; every module call of a
+passing run is kept. Calls are identified by predictor name and call index,
+never by position in the trace, so a module called a variable number of
+times per example cannot shift the others.
+
+``BootstrapFewShot`` turns passing traces into demos.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from tandem.evaluate.evaluate import Metric, run_example
+from tandem.lm.base import Usage
+from tandem.program.example import Example
+from tandem.program.module import Module
+from tandem.program.trace import TraceEntry
+from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
+
+log = logging.getLogger(__name__)
+
+#: A score at or above this counts as passing (metrics may return floats, e.g. F1).
+PASS_THRESHOLD = 1.0
+
+
+@dataclass
+class BootstrapRun:
+    example: Example
+    prediction: dict | None
+    score: float
+    passed: bool
+    entries: list[TraceEntry]  # the trace of this run
+    failure: str | None = None
+
+
+@dataclass
+class BootstrapResult:
+    runs: list[BootstrapRun]
+    usage: Usage
+
+    @property
+    def passed(self) -> list[BootstrapRun]:
+        return [r for r in self.runs if r.passed]
+
+    def calls(self, predictor: str) -> list[TraceEntry]:
+        """Every call of ``predictor`` in passing runs, in example order then call index."""
+        out = []
+        for r in self.passed:
+            out.extend(sorted((e for e in r.entries if e.predictor == predictor), key=lambda e: e.call_index))
+        return out
+
+
+def bootstrap(
+    program: Module,
+    examples: list[Example],
+    metric: Metric,
+    *,
+    num_threads: int = 64,
+    threshold: float = PASS_THRESHOLD,
+    progress: Callable[[int, int], None] | None = None,
+) -> BootstrapResult:
+    """Run ``program`` on each example concurrently and score it with the trace."""
+    runs: list[BootstrapRun | None] = [None] * len(examples)
+    usage = Usage()
+
+    def work(i: int) -> BootstrapRun:
+        rec, t = run_example(program, examples[i], metric, i)
+        usage_part = t.usage
+        run = BootstrapRun(
+            examples[i], rec.prediction, rec.score,
+            rec.failure is None and rec.score >= threshold, list(t.entries), rec.failure,
+        )
+        return run, usage_part
+
+    done = 0
+    with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples) or 1))) as pool:
+        for i, (run, u) in enumerate(pool.map(work, range(len(examples)))):
+            runs[i] = run
+            usage.merge(u)
+            done += 1
+            if progress:
+                progress(done, len(examples))
+    out = BootstrapResult([r for r in runs if r is not None], usage)
+    log.info("bootstrap: %d of %d runs passed", len(out.passed), len(examples))
+    return out
+
+
+def demo_from_entry(entry: TraceEntry) -> dict:
+    return {**entry.inputs, **entry.outputs}
+
+
+def labeled_demo(program_predictor, example: Example) -> dict | None:
+    """A demo from the raw labels, when the example holds every field the predictor needs."""
+    sig = program_predictor.signature
+    demo = {f.name: example[f.name] for f in sig.fields if f.name in example}
+    needed = [f.name for f in sig.input_fields] + [
+        f.name for f in sig.output_fields if f.name != "reasoning"
+    ]
+    return demo if all(n in demo for n in needed) else None
+
+
+class BootstrapFewShot:
+    """Demos from the teacher's passing traces, topped up with labelled examples.
+
+    Each predictor gets at most ``max_bootstrapped_demos`` demos from passing
+    traces (its own calls, in example order) and, to reach ``max_labeled_demos``
+    in total, labelled training examples that contain its fields.
+    """
+
+    def __init__(
+        self,
+        metric: Metric,
+        *,
+        max_bootstrapped_demos: int = 3,
+        max_labeled_demos: int = 3,
+        teacher: Module | None = None,
+        num_threads: int = 64,
+    ) -> None:
+        self.metric = metric
+        self.max_bootstrapped_demos = max_bootstrapped_demos
+        self.max_labeled_demos = max_labeled_demos
+        self.teacher = teacher
+        self.num_threads = num_threads
+
+    def run_bootstrap(self, program: Module, trainset: list[Example], progress=None) -> BootstrapResult:
+        teacher = self.teacher or program
+        return bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, progress=progress)
+
+    def assemble(
+        self, program: Module, boot: BootstrapResult, trainset: list[Example], rng: random.Random | None = None,
+        n_boot: int | None = None,
+    ) -> Module:
+        """A copy of ``program`` with demos built from ``boot`` (shuffled with ``rng`` if given)."""
+        new = program.reset_copy()
+        used = {id(r.example) for r in boot.passed}
+        for name, pred in new.named_predictors():
+            calls = boot.calls(name)
+            if rng is not None:
+                calls = list(calls)
+                rng.shuffle(calls)
+            k = self.max_bootstrapped_demos if n_boot is None else n_boot
+            demos = [demo_from_entry(e) for e in calls[:k]]
+            pool = [ex for ex in trainset if id(ex) not in used]
+            if rng is not None:
+                pool = list(pool)
+                rng.shuffle(pool)
+            for ex in pool:
+                if len(demos) >= self.max_labeled_demos:
+                    break
+                d = labeled_demo(pred, ex)
+                if d is not None:
+                    demos.append(d)
+            pred.demos = demos
+        return new
+
+    def compile(self, program: Module, *, trainset: list[Example], valset=None, seed: int = 0,
+                progress: Progress | None = None) -> CompileResult:
+        check_dataset("trainset", trainset)
+        boot = self.run_bootstrap(program, trainset)
+        new = self.assemble(program, boot, trainset)
+        rec = StepRecord(0, "bootstrap", usage=boot.usage.to_dict(), train_examples=len(boot.passed),
+                         detail=f"{len(boot.passed)} of {len(trainset)} training runs passed")
+        return CompileResult(new, [rec])

@@ -1,0 +1,160 @@
+"""The weight step ``w``: bootstrapped LoRA fine-tuning.
+
+The current program (prompts and weights) runs over the training set; every
+module call in a passing run becomes one SFT example: the module's prompt
+-> the reply it gave. By default the prompt is rendered zero-shot (demos
+removed, as in the paper), so the tuned model learns to produce the passing
+outputs without the demos. Modules that share an LM are trained together
+into one LoRA (multi-task); ``multitask=False`` trains one LoRA per module.
+
+The adapter is always trained on the *base* weights (a fresh LoRA), from
+traces of the current program, which may already run on an earlier adapter.
+The step returns the program on the new weights with zero-shot prompts, or
+with the incoming prompts when those score higher on the step's validation
+set (``keep_demos`` trains with demos in the prompts instead).
+
+No passing run means nothing to train on: the step reports
+``nothing_to_train`` and returns the program unchanged, never crashing and
+never pretending it trained.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from tandem.evaluate.evaluate import Metric, evaluate
+from tandem.lm.base import LM, Usage
+from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
+from tandem.optimize.bootstrap import bootstrap
+from tandem.program.example import Example
+from tandem.program.module import Module
+from tandem.program.render import build_prompt
+from tandem.train import LoRAConfig, NothingToTrain, SFTExample, train_lora
+
+log = logging.getLogger(__name__)
+
+
+def _base_lm(lm: LM) -> LM:
+    """The LM without its adapter (fresh LoRAs are trained on base weights)."""
+    if getattr(lm, "adapter", None) is not None and hasattr(lm, "with_adapter"):
+        return lm.with_adapter(None)
+    return lm
+
+
+class BootstrapFinetune:
+    def __init__(
+        self,
+        metric: Metric,
+        *,
+        config: LoRAConfig = LoRAConfig(),
+        multitask: bool = True,
+        keep_demos: bool = False,
+        num_threads: int = 64,
+        out_dir: str | Path | None = None,
+        trainer=train_lora,
+    ) -> None:
+        self.metric = metric
+        self.config = config
+        self.multitask = multitask
+        self.keep_demos = keep_demos
+        self.num_threads = num_threads
+        self.out_dir = Path(out_dir) if out_dir else None
+        self.trainer = trainer  # train_lora; tests pass a stand-in with the same signature
+
+    def sft_examples(self, program: Module, boot) -> dict[str, list[SFTExample]]:
+        """SFT examples grouped by the LoRA they train (an LM, or a module)."""
+        preds = dict(program.named_predictors())
+        bases = {name: _base_lm(p.get_lm()) for name, p in preds.items()}
+        groups: dict[str, list[SFTExample]] = {}
+        for run in boot.passed:
+            for e in run.entries:
+                pred = preds.get(e.predictor)
+                if pred is None:
+                    continue
+                demos = pred.demos if self.keep_demos else []
+                text = bases[e.predictor].render(build_prompt(pred.signature, demos, e.inputs))
+                key = bases[e.predictor].fingerprint() if self.multitask else e.predictor
+                groups.setdefault(key, []).append(SFTExample(text, e.completion, e.predictor))
+        return groups
+
+    def compile(
+        self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
+        progress: Progress | None = None, out_dir: str | Path | None = None,
+    ) -> CompileResult:
+        check_dataset("trainset", trainset)
+        out_dir = Path(out_dir or self.out_dir or "adapters")
+        start = time.perf_counter()
+        usage = Usage()
+        boot = bootstrap(
+            program, trainset, self.metric, num_threads=self.num_threads,
+            progress=(lambda d, t: progress("traces", d, t)) if progress else None,
+        )
+        usage.merge(boot.usage)
+        groups = self.sft_examples(program, boot)
+        n_examples = sum(len(g) for g in groups.values())
+        rec = StepRecord(0, "w", usage=usage.to_dict(), train_examples=n_examples)
+        if not n_examples:
+            rec.status = "nothing_to_train"
+            rec.detail = f"0 of {len(trainset)} training runs passed the metric: nothing to train on"
+            rec.wall_s = time.perf_counter() - start
+            log.warning("weight step skipped: %s", rec.detail)
+            return CompileResult(program.deepcopy(), [rec])
+
+        new = program.deepcopy()
+        preds = dict(new.named_predictors())
+        trained: dict[str, dict] = {}
+        for gi, (key, examples) in enumerate(sorted(groups.items())):
+            names = sorted({ex.module for ex in examples})
+            base = _base_lm(preds[names[0]].get_lm())
+            model_dir = getattr(base, "model_dir", None)
+            if model_dir is None:
+                raise TypeError(f"{base!r} cannot be fine-tuned locally: it has no local checkpoint (model_dir)")
+            cfg = self.config if self.config.seed == seed else _with_seed(self.config, seed)
+            adir = out_dir / (f"adapter-{gi}" if len(groups) > 1 else "adapter")
+            try:
+                result = self.trainer(
+                    model_dir, examples, cfg, adir, overwrite=True,
+                    progress=(lambda s, t, _l: progress("training", s, t)) if progress else None,
+                )
+            except NothingToTrain as exc:
+                rec.status = "nothing_to_train"
+                rec.detail = str(exc)
+                rec.wall_s = time.perf_counter() - start
+                return CompileResult(program.deepcopy(), [rec])
+            tuned = base.with_adapter(result.adapter_dir)
+            targets = names if not self.multitask else [
+                n for n, p in preds.items() if _base_lm(p.get_lm()).fingerprint() == base.fingerprint()
+            ]
+            for n in targets:
+                preds[n].lm = tuned
+            rec.trainable_params += result.trainable_params
+            trained[str(result.adapter_dir)] = {**result.to_dict(), "modules": names, "losses": result.losses[-5:]}
+
+        # Which prompts go with the new weights: zero-shot (what it was trained
+        # on) or the incoming ones; the step's validation set decides.
+        variants = [("zero-shot prompts", new.reset_copy())]
+        if any(p.demos for p in new.predictors()) and not self.keep_demos:
+            variants.append(("incoming prompts", new))
+        elif self.keep_demos:
+            variants = [("incoming prompts", new)]
+        results = [evaluate(v, valset, self.metric, num_threads=self.num_threads) for _, v in variants]
+        for r in results:
+            usage.merge(r.usage)
+        best = max(range(len(variants)), key=lambda i: (results[i].score, -i))
+        rec.usage = usage.to_dict()
+        rec.inner_score = results[best].score
+        rec.wall_s = time.perf_counter() - start
+        rec.detail = (
+            f"trained on {n_examples} examples from {len(boot.passed)} of {len(trainset)} passing runs; "
+            f"kept {variants[best][0]} ({results[best].score:.1f})"
+        )
+        rec.extra = {"adapters": trained, "variants": {n: r.score for (n, _), r in zip(variants, results)}}
+        return CompileResult(variants[best][1], [rec], score=results[best].score)
+
+
+def _with_seed(cfg: LoRAConfig, seed: int) -> LoRAConfig:
+    from dataclasses import replace
+
+    return replace(cfg, seed=seed)

@@ -1,0 +1,307 @@
+"""Optimizer orchestration on the scripted FakeLM (the real model runs in test_optimize_e2e)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from tandem import ChainOfThought, Example, Module
+from tandem.lm import FakeLM
+from tandem.optimize import (
+    BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan, StrategyError, bootstrap, parse_strategy,
+)
+from tandem.optimize.base import CompileResult, StepRecord
+from tandem.program.persist import ProgramFileError, load_program, read_program_file
+from tandem.train import TrainResult
+
+
+class Mod3(Module):
+    def __init__(self):
+        self.solve = ChainOfThought("x -> y", instructions="Give x modulo 3.")
+
+    def forward(self, x):
+        return self.solve(x=x)
+
+
+def data(n, start=0):
+    return [Example(x=str(i), y=str(i % 3)).with_inputs("x") for i in range(start, start + n)]
+
+
+def metric(ex, pred, trace=None):
+    return ex.y == pred.y
+
+
+def _x(text):
+    return int(re.findall(r"X: (\d+)", text)[-1])
+
+
+def base_reply(text):
+    """Right for x < 10 always; right for the rest only when the prompt has demos."""
+    x = _x(text)
+    has_demos = text.count("X: ") > 1
+    y = x % 3 if (x < 10 or has_demos) else (x + 1) % 3
+    return f" x is {x}\nY: {y}"
+
+
+def tuned_reply(text):
+    return f" tuned\nY: {_x(text) % 3}"
+
+
+def make_lm(tmp_path):
+    lm = FakeLM(base_reply)
+    lm.model_dir = tmp_path
+    return lm
+
+
+def fake_trainer(calls):
+    def train(model_dir, examples, cfg, out_dir, progress=None, overwrite=False):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text("{}")
+        calls.append(list(examples))
+        return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False)
+    return train
+
+
+def bt(tmp_path, strategy, calls=None, **kw):
+    lm = make_lm(tmp_path)
+    w = BootstrapFinetune(metric, trainer=fake_trainer(calls if calls is not None else []))
+    return lm, BetterTogether(metric, strategy=strategy, weight_optimizer=w,
+                              splits=SplitPlan(10, 20), **kw)
+
+
+# -- strategies ---------------------------------------------------------------------------
+def test_parse_strategy():
+    assert parse_strategy("p -> w -> p", {"p", "w"}) == ["p", "w", "p"]
+    assert parse_strategy("w", {"p", "w"}) == ["w"]
+    with pytest.raises(StrategyError, match="unknown step 'q'"):
+        parse_strategy("p -> q", {"p", "w"})
+    with pytest.raises(StrategyError, match="empty step"):
+        parse_strategy("p -> -> w", {"p", "w"})
+    with pytest.raises(StrategyError):
+        parse_strategy("", {"p"})
+
+
+# -- bootstrapping --------------------------------------------------------------------------
+class Twice(Module):
+    """Calls one predictor a variable number of times per example."""
+
+    def __init__(self):
+        self.step = ChainOfThought("x -> y")
+        self.final = ChainOfThought("x -> y")
+
+    def forward(self, x):
+        for _ in range(int(x) % 3):
+            self.step(x=x)
+        return self.final(x=x)
+
+
+def test_bootstrap_passes_trace_to_metric_and_keys_calls_by_name_and_index():
+    seen = []
+
+    def m(ex, pred, trace=None):
+        seen.append(len(trace))
+        return metric(ex, pred)
+
+    prog = Twice().set_lm(FakeLM(base_reply))
+    boot = bootstrap(prog, data(9), m)
+    assert sorted(seen) == sorted([1 + i % 3 for i in range(9)])
+    assert len(boot.passed) == 9
+    for run in boot.passed:
+        steps = [e for e in run.entries if e.predictor == "step"]
+        assert [e.call_index for e in steps] == list(range(len(steps)))
+    assert all(e.predictor == "final" for e in boot.calls("final"))
+    assert len(boot.calls("step")) == sum(i % 3 for i in range(9))
+
+
+# -- the prompt step --------------------------------------------------------------------------
+def test_random_search_candidates_and_deterministic_choice():
+    prog = Mod3().set_lm(FakeLM(base_reply))
+    rs = RandomSearch(metric)
+    r1 = rs.compile(prog, trainset=data(10), valset=data(20, 10), seed=3)
+    r2 = rs.compile(prog, trainset=data(10), valset=data(20, 10), seed=3)
+    cands = r1.history[0].extra["candidates"]
+    assert [c["candidate"] for c in cands][:3] == ["zero-shot", "labeled", "bootstrapped"]
+    assert len(cands) == 6
+    assert cands[0]["demos"] == [0] and all(c["demos"][0] <= 3 for c in cands)
+    assert cands[0]["score"] == 0.0  # x >= 10 are wrong without demos
+    assert r1.score == 100.0 and r1.program.solve.demos
+    assert r1.program.dump_state() == r2.program.dump_state()
+    assert prog.solve.demos == []  # the input program is untouched
+    boot_demo = r1.program.solve.demos[0]
+    assert "reasoning" in boot_demo  # bootstrapped demos carry the model's own reasoning
+
+
+# -- the weight step ---------------------------------------------------------------------------
+def test_weight_step_trains_on_zero_shot_prompts_of_passing_runs(tmp_path):
+    calls = []
+    prog = Mod3().set_lm(make_lm(tmp_path))
+    prog.solve.demos = [{"x": "100", "y": "1"}]  # with demos everything passes
+    w = BootstrapFinetune(metric, trainer=fake_trainer(calls))
+    res = w.compile(prog, trainset=data(12, 5), valset=data(5, 30), out_dir=tmp_path / "ad")
+    rec = res.history[0]
+    assert rec.status == "ok" and rec.train_examples == 12 and rec.trainable_params == 1234
+    examples = calls[0]
+    assert all(ex.prompt.count("X: ") == 1 for ex in examples)  # demos removed
+    assert all(ex.prompt.endswith("Reasoning:") for ex in examples)
+    assert examples[0].completion.endswith(f"Y: {5 % 3}")
+    assert res.program.solve.lm.adapter == str(tmp_path / "ad" / "adapter")
+
+
+def test_weight_step_with_nothing_to_train(tmp_path):
+    lm = FakeLM(lambda t: " no idea\nY: 7")
+    lm.model_dir = tmp_path
+    calls = []
+    res = BootstrapFinetune(metric, trainer=fake_trainer(calls)).compile(
+        Mod3().set_lm(lm), trainset=data(6), valset=data(3), out_dir=tmp_path / "ad")
+    assert res.history[0].status == "nothing_to_train"
+    assert "nothing to train on" in res.history[0].detail
+    assert calls == [] and res.program.solve.lm.adapter is None
+
+
+# -- BetterTogether -----------------------------------------------------------------------------
+def test_p_w_p_restarts_prompts_on_new_weights(tmp_path):
+    calls = []
+    lm, opt = bt(tmp_path, "p -> w -> p", calls)
+    lm.adapter_replies[str(tmp_path / "run" / "steps" / "01-w" / "adapters" / "adapter")] = tuned_reply
+    opt.run_dir = tmp_path / "run"
+    prog = Mod3().set_lm(lm)
+    prog.solve.instructions = "ORIGINAL"
+    res = opt.compile(prog, trainset=data(30), valset=data(15, 40), seed=1)
+    kinds = [(r.kind, r.status) for r in res.history]
+    assert kinds == [("p", "ok"), ("w", "ok"), ("p", "ok")]
+    assert all(r.val_score is not None for r in res.history)
+    # the weight step trained on traces of the prompt-optimized program
+    assert len(calls) == 1 and len(calls[0]) == 30
+    final = res.extra["final_program"]
+    assert final.solve.lm.adapter is not None  # the last p step ran on the tuned weights
+    assert final.solve.instructions == "ORIGINAL"
+    assert prog.solve.demos == [] and prog.solve.lm is lm  # caller's program untouched
+    assert (tmp_path / "run" / "final" / "program.json").exists()
+    hist = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["kind"] for h in hist] == ["p", "w", "p"]
+
+
+def test_selection_uses_the_outer_valset_only(tmp_path):
+    lm, opt = bt(tmp_path, "p")
+    seen_val = []
+
+    class Spy(RandomSearch):
+        def compile(self, program, *, trainset, valset, seed=0, progress=None):
+            seen_val.extend(ex.x for ex in valset)
+            return super().compile(program, trainset=trainset, valset=valset, seed=seed)
+
+    opt = BetterTogether(metric, strategy="p", prompt_optimizer=Spy(metric), splits=SplitPlan(10, 20))
+    outer = data(15, 100)
+    opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=outer)
+    assert seen_val and not set(seen_val) & {ex.x for ex in outer}
+
+
+def test_w_first_with_no_passing_traces_is_reported_not_crashed(tmp_path):
+    lm = FakeLM(lambda t: " ?\nY: 9")
+    lm.model_dir = tmp_path
+    opt = BetterTogether(metric, strategy="w -> p",
+                         weight_optimizer=BootstrapFinetune(metric, trainer=fake_trainer([])),
+                         splits=SplitPlan(10, 20))
+    res = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5))
+    assert [r.status for r in res.history] == ["nothing_to_train", "ok"]
+
+
+def test_registered_step_and_a_step_that_raises(tmp_path):
+    class Boom:
+        def compile(self, program, *, trainset, valset, seed=0):
+            raise RuntimeError("exploded")
+
+    class Instr:
+        def compile(self, program, *, trainset, valset, seed=0):
+            new = program.deepcopy()
+            new.solve.instructions = "Be careful."
+            return CompileResult(new, [StepRecord(0, "instr")])
+
+    lm = make_lm(tmp_path)
+    with pytest.raises(StrategyError, match="unknown step 'instr'"):
+        BetterTogether(metric, strategy="instr -> boom")
+    opt = BetterTogether(metric, strategy="instr -> boom", splits=SplitPlan(10, 20), run_dir=tmp_path / "run3",
+                         optimizers={"instr": Instr(), "boom": Boom()})
+    with pytest.raises(RuntimeError, match="exploded"):
+        opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5))
+    hist = json.loads((tmp_path / "run3" / "history.json").read_text())
+    assert [(h["kind"], h["status"]) for h in hist] == [("instr", "ok"), ("boom", "failed")]
+    assert "exploded" in hist[1]["detail"]
+
+
+def test_resume_continues_after_the_last_finished_step(tmp_path):
+    lm, opt = bt(tmp_path, "p -> w -> p")
+    run = tmp_path / "run"
+    lm.adapter_replies[str(run / "steps" / "01-w" / "adapters" / "adapter")] = tuned_reply
+    opt.run_dir = run
+    full = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(15, 40), seed=2)
+
+    # A second run killed during its third step...
+    lm2, opt2 = bt(tmp_path, "p -> w -> p")
+    run2 = tmp_path / "run2"
+    lm2.adapter_replies[str(run2 / "steps" / "01-w" / "adapters" / "adapter")] = tuned_reply
+    # on resume the adapter is read from the saved program's copy of the folder
+    lm2.adapter_replies[str(run2 / "steps" / "01-w" / "program" / "adapters" / "adapter")] = tuned_reply
+    opt2.run_dir = run2
+    real = opt2._run_step
+    state = {"n": 0}
+
+    def dies_on_third(kind, *a, **k):
+        state["n"] += 1
+        if state["n"] == 3:
+            raise KeyboardInterrupt
+        return real(kind, *a, **k)
+
+    opt2._run_step = dies_on_third
+    with pytest.raises(KeyboardInterrupt):
+        opt2.compile(Mod3().set_lm(lm2), trainset=data(30), valset=data(15, 40), seed=2)
+    assert not (run2 / "steps" / "02-p").exists()
+    # ...and started again with resume: only the third step runs.
+    opt2._run_step = real
+    ran = []
+    opt2.weight_optimizer.trainer = lambda *a, **k: ran.append("w")
+    res = opt2.compile(Mod3().set_lm(lm2), trainset=data(30), valset=data(15, 40), seed=2, resume=True)
+    assert ran == []  # the finished weight step was not redone
+    assert [r.val_score for r in res.history] == [r.val_score for r in full.history]
+    assert res.program.dump_state() == full.program.dump_state()
+    assert res.extra["final_program"].solve.lm.adapter.endswith("adapter")
+
+
+def test_resume_refuses_another_strategy(tmp_path):
+    lm, opt = bt(tmp_path, "p", run_dir=tmp_path / "run")
+    opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5))
+    lm, opt = bt(tmp_path, "p -> w", run_dir=tmp_path / "run")
+    with pytest.raises(ValueError, match="another run directory"):
+        opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5), resume=True)
+
+
+def test_tiny_training_set_is_a_clear_error(tmp_path):
+    lm, opt = bt(tmp_path, "p")
+    with pytest.raises(ValueError, match="needs 10 \\+ 20"):
+        opt.compile(Mod3().set_lm(lm), trainset=data(12), valset=data(5))
+    with pytest.raises(ValueError, match="at least 2"):
+        opt.compile(Mod3().set_lm(lm), trainset=data(1), valset=data(5))
+
+
+# -- program files ---------------------------------------------------------------------------------
+def test_program_file_errors(tmp_path):
+    prog = Mod3().set_lm(FakeLM(base_reply))
+    prog.solve.demos = [{"x": "1", "y": "1"}]
+    prog.save(tmp_path / "p")
+    doc = read_program_file(tmp_path / "p")
+    assert doc["format_version"] == 1 and doc["program"].endswith(":Mod3")
+    lms = {"fake:fake": prog.solve.lm}
+    again = load_program(tmp_path / "p", lms=lms)
+    assert again.dump_state() == prog.dump_state() and again.solve.lm is prog.solve.lm
+    (tmp_path / "p" / "program.json").write_text("{not json")
+    with pytest.raises(ProgramFileError, match="corrupt"):
+        load_program(tmp_path / "p")
+    (tmp_path / "p" / "program.json").write_text(json.dumps({**doc, "format_version": 99}))
+    with pytest.raises(ProgramFileError, match="upgrade tandem"):
+        load_program(tmp_path / "p")
+    with pytest.raises(ProgramFileError, match="no such file"):
+        load_program(tmp_path / "nothing")
