@@ -3,6 +3,9 @@
     TANDEM_HOME=... python benchmarks/train.py              # throughput table -> benchmarks/results/train.json
     TANDEM_HOME=... python benchmarks/train.py --lr-sweep   # completion loss before/after 5 epochs per rate
 
+On a machine shared with other jobs, ``--threads 1`` gives steadier numbers:
+torch's OpenMP threads stall badly when the cores are oversubscribed.
+
 Examples are iris-style SFT pairs: a zero-shot chain-of-thought prompt
 (rendered as tandem renders it, chat template and "Reasoning:" prefix
 included) and a short reasoning + answer completion, the shape of the data a
@@ -174,9 +177,12 @@ def main() -> None:
     ap.add_argument("--rates", default="1e-5,1e-4,3e-4,1e-3")
     ap.add_argument("--n-train", type=int, default=40)
     ap.add_argument("--n-eval", type=int, default=20)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--out", default=None, help="JSON output (default benchmarks/results/train[_lr].json)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        __import__("torch").set_num_threads(args.threads)
 
     from tandem.lm.models import resolve_model
 

@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+# Memory that eager attention may keep for the backward pass (fp32 and bf16 copies
+# of every layer's batch x heads x T x T probabilities) before sdpa is used instead.
+EAGER_ATTENTION_BYTES = 2 << 30
+
+
 class NothingToTrain(ValueError):
     """No usable SFT example: none given, or all longer than ``max_length``.
 
@@ -56,14 +61,19 @@ class LoRAConfig:
     # loss in 5 epochs. 3e-4 was the rate that lowered held-out completion loss
     # most here (measurement in docs/training.md).
     learning_rate: float = 3e-4
-    warmup_ratio: float = 0.1  # linear warm-up: Adam's first steps are the noisiest; then constant,
-    # because these runs are a few dozen steps and a decay would spend half of them at a tiny rate
+    # Linear warm-up (Adam's first steps are the noisiest), then constant: these
+    # runs are a few dozen steps, and a decay would spend half of them at a tiny rate.
+    warmup_ratio: float = 0.1
     weight_decay: float = 0.0  # LoRA starts at zero and runs are short: nothing to regularise towards
     max_grad_norm: float = 1.0  # guards against a rare huge step on a long, unusual example
     max_length: int = 2048  # tokens (prompt + completion); longer examples are dropped, with a warning
     seed: int = 0  # LoRA initialisation and example order
     bf16: bool | None = None  # None: bf16 autocast where the hardware has native bf16 (see bf16_supported)
     device: str | None = None  # None: cuda if available, else cpu
+    # None: "eager" on CPU while its attention matrices fit in EAGER_ATTENTION_BYTES
+    # (torch's fused CPU attention has a slow backward: measured 1.3-1.7x slower
+    # per step at 150-560 tokens), otherwise "sdpa".
+    attention: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -83,6 +93,7 @@ class TrainResult:
     wall_s: float  # training loop only (model loading and saving excluded)
     trainable_params: int
     bf16: bool
+    attention: str
     modules: dict[str, int] = field(default_factory=dict)  # examples per module
 
     @property
@@ -112,6 +123,17 @@ def bf16_supported(device: str) -> bool:
     except OSError:  # not Linux: trust oneDNN
         return True
     return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+
+
+def pick_attention(config: LoRAConfig, device: str, model_config, longest: int) -> str:
+    """The attention implementation for training; see ``LoRAConfig.attention``."""
+    if config.attention is not None:
+        return config.attention
+    if device != "cpu":
+        return "sdpa"
+    heads = model_config.num_attention_heads * model_config.num_hidden_layers
+    need = config.batch_size * heads * longest**2 * 6
+    return "eager" if need <= EAGER_ATTENTION_BYTES else "sdpa"
 
 
 def _batches(examples: list[TokenizedExample], batch_size: int, rng: random.Random) -> list[list[int]]:
@@ -179,7 +201,7 @@ def train_lora(
     import torch
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not examples:
@@ -197,10 +219,12 @@ def train_lora(
         )
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
+    attention = pick_attention(config, device, AutoConfig.from_pretrained(model_dir), max(map(len, data)))
     # With bf16 the frozen base is stored in bf16: autocast would otherwise
-    # re-cast every fp32 weight on each forward. peft keeps LoRA weights fp32.
+    # re-cast every fp32 weight on each forward (10% of a step on CPU here).
+    # peft keeps the LoRA weights in fp32.
     base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32
+        model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32, attn_implementation=attention,
     ).to(device)
     torch.manual_seed(config.seed)  # LoRA's A matrices are initialised randomly
     model = get_peft_model(base, PeftLoraConfig(
@@ -215,9 +239,9 @@ def train_lora(
     warmup = max(1, round(config.warmup_ratio * total_steps)) if config.warmup_ratio > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     log.info(
-        "LoRA r=%d on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s trainable params",
+        "LoRA r=%d on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s attention, %s trainable params",
         config.rank, model_dir.name, len(data), n_dropped, total_steps, config.learning_rate,
-        "bf16" if use_bf16 else "fp32", f"{trainable:,}",
+        "bf16" if use_bf16 else "fp32", attention, f"{trainable:,}",
     )
 
     causal_lm = model.get_base_model()
@@ -252,7 +276,7 @@ def train_lora(
     result = TrainResult(
         adapter_dir=out_dir, n_examples=len(data), n_dropped=n_dropped, steps=len(losses),
         completion_tokens=completion_tokens, total_tokens=total_tokens, losses=losses,
-        wall_s=wall, trainable_params=trainable, bf16=use_bf16, modules=modules,
+        wall_s=wall, trainable_params=trainable, bf16=use_bf16, attention=attention, modules=modules,
     )
     _save(model, model_dir, out_dir, config, result)
     log.info("trained %d steps in %.1fs (%.0f tokens/s), loss %.3f -> %.3f; saved %s",
