@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tandem.lm.base import ContextLengthError, Prompt, Request, SamplingParams, render_completion_text  # noqa: E402
+from tandem.lm.base import ContextLengthError, LMError, Prompt, Request, SamplingParams, render_completion_text  # noqa: E402
 from tandem.lm.cache import CallCache  # noqa: E402
 from tandem.lm.hf import HFLM  # noqa: E402
 
@@ -198,3 +198,18 @@ def test_with_adapter(lm, tiny_model_dir, adapter_dir):
 
     tuned.close()
     assert lm.complete(r).text == base_text
+    with pytest.raises(LMError):
+        tuned.complete(g)
+
+
+def test_adapter_for_other_base_refused(lm, adapter_dir, tmp_path):
+    from tandem.train.adapter import AdapterMismatch
+
+    other = tmp_path / "other"
+    shutil.copytree(adapter_dir, other)
+    (other / "tandem_adapter.json").write_text(json.dumps({
+        "format": "tandem-adapter", "version": 1,
+        "base_model": {"name": "elsewhere", "path": "/nowhere", "identity": "0" * 16},
+    }))
+    with pytest.raises(AdapterMismatch):
+        lm.with_adapter(other)

@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from tandem.lm.base import LM, Completion, ContextLengthError, Prompt, Request
+from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request
 from tandem.lm.models import checkpoint_fingerprint, has_chat_template, resolve_model
 
 log = logging.getLogger(__name__)
@@ -222,9 +222,14 @@ class HFLM(LM):
         self._chat = has_chat_template(base.model_dir)
         fp = f"hf:{base.fingerprint}:{base.dtype}"
         self._adapter_name: str | None = None
+        self._closed = False
         if self.adapter is not None:
             if not (self.adapter / "adapter_config.json").exists():
                 raise ValueError(f"{self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+            from tandem.train.adapter import META_FILE, check_adapter_base
+
+            if (self.adapter / META_FILE).exists():  # trained by tandem: it names its base
+                check_adapter_base(self.adapter, base.model_dir)
             afp = checkpoint_fingerprint(self.adapter)
             fp += f"+{afp}"
             self._adapter_name = f"a{afp}"
@@ -267,6 +272,9 @@ class HFLM(LM):
 
     def _generate(self, requests: list[Request]) -> list[Completion]:
         import torch
+
+        if self._closed:
+            raise LMError(f"{self.name} is closed (its adapter was released)")
 
         rows: list[_Row] = []
         for r in requests:
@@ -361,9 +369,9 @@ class HFLM(LM):
 
     def close(self) -> None:
         """Release this LM's adapter (the shared base goes when its last LM does)."""
-        if self._adapter_name is not None:
+        if self._adapter_name is not None and not self._closed:
+            self._closed = True
             self._base.drop_adapter(self._adapter_name)
-            self._adapter_name = None
 
     def __repr__(self) -> str:
         extra = f", adapter={str(self.adapter)!r}" if self.adapter else ""
