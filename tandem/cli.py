@@ -85,6 +85,99 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+class StepProgress:
+    """One bar per phase label ("bootstrap", "candidates", "training", ...), for optimizer callbacks."""
+
+    def __init__(self, bar: Progress, prefix: str = "") -> None:
+        self.bar, self.prefix, self.tasks = bar, prefix, {}
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        key = self.prefix + label
+        if key not in self.tasks:
+            self.tasks[key] = self.bar.add_task(key, total=total or None)
+        self.bar.update(self.tasks[key], completed=done, total=total or None)
+
+
+def steps_table(history, title: str) -> Table:
+    table = Table(title=title)
+    for col in ("step", "kind", "status", "val %", "inner %", "wall s", "LM calls", "tokens", "SFT ex", "detail"):
+        table.add_column(col, justify="left" if col in ("kind", "status", "detail") else "right")
+    for r in history:
+        u = r.usage or {}
+        table.add_row(
+            str(r.index + 1), r.kind, r.status,
+            "-" if r.val_score is None else f"{r.val_score:.1f}",
+            "-" if r.inner_score is None else f"{r.inner_score:.1f}",
+            f"{r.wall_s:.0f}", str(u.get("calls", 0)),
+            str(u.get("prompt_tokens", 0) + u.get("output_tokens", 0)),
+            str(r.train_examples) if r.kind == "w" else "-", r.detail[:70],
+        )
+    return table
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from tandem.evaluate import evaluate
+    from tandem.experiments.config import load_config, resolve_task
+    from tandem.lm.registry import get_lm
+    from tandem.optimize import BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan
+
+    cfg = load_config(args.config, args.set, task=args.task, model=args.model, strategy=args.strategy,
+                      seed=args.seed, run_dir=args.run_dir)
+    task = resolve_task(cfg)
+    splits = task.load(data=cfg.data, seed=cfg.seed, **({"sizes": cfg.sizes} if cfg.sizes else {}))
+    ptrain, pval = cfg.prompt_train, cfg.prompt_val
+    if ptrain is None and task.prompt_sizes:
+        ptrain, pval = task.prompt_sizes
+    run_dir = cfg.default_run_dir()
+    bt = BetterTogether(
+        task.metric, strategy=cfg.strategy,
+        prompt_optimizer=RandomSearch(task.metric, num_candidates=cfg.num_candidates, max_demos=cfg.max_demos,
+                                      num_threads=cfg.threads),
+        weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads),
+        splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
+    )
+    console.print(
+        f"[bold]{task.name}[/] strategy [bold]{cfg.strategy}[/], seed {cfg.seed}, model {cfg.model}: "
+        f"train {len(splits['train'])} / dev {len(splits['dev'])} / test {len(splits['test'])}; run dir {run_dir}"
+    )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    t0 = time.perf_counter()
+    lm = get_lm(cfg.model, **cfg.backend_options)
+    with console.status("loading the model"):
+        lm.start()
+    load_s = time.perf_counter() - t0
+    program = task.program().set_lm(lm)
+    try:
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console) as bar:
+            steps = StepProgress(bar)
+            result = bt.compile(program, trainset=splits["train"], valset=splits["dev"], seed=cfg.seed,
+                                resume=args.resume, progress=steps)
+            with_test = evaluate(result.program, splits["test"], task.metric, num_threads=cfg.threads,
+                                 progress=lambda d, t: steps("test", d, t))
+    finally:
+        lm.close()
+    total_s = time.perf_counter() - t0
+    Console().print(steps_table(result.history, f"{task.name}: {cfg.strategy} (seed {cfg.seed})"))
+    best = result.extra["best_step"]
+    summary = {
+        "task": task.name, "model": cfg.model, "strategy": cfg.strategy, "seed": cfg.seed,
+        "best_step": best, "dev_score": result.score, "test_score": with_test.score,
+        "test_failures": with_test.failures, "wall_s": round(total_s, 1), "model_load_s": round(load_s, 1),
+        "history": [r.to_dict() for r in result.history],
+    }
+    (run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    Console().print(
+        f"returned program: step {best + 1} (dev {result.score:.1f}); "
+        f"[bold]test {with_test.score:.1f}%[/] on {with_test.n} examples; total {total_s:.0f} s; "
+        f"saved to {run_dir / 'final'}"
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress of the library and engines")
@@ -101,6 +194,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cache", action="store_true", help="don't read or write the call cache")
     e.add_argument("--json", default=None, help="write per-example records to this file")
     e.set_defaults(func=cmd_eval)
+
+    o = sub.add_parser("optimize", help="optimize a program's prompts and weights (BetterTogether)")
+    o.add_argument("task", nargs="?", default=None, help="task name or task .py file (or set it in --config)")
+    o.add_argument("--config", default=None, help="TOML config file (see examples/)")
+    o.add_argument("--strategy", default=None, help='e.g. "p -> w -> p" (default), "p", "w -> p"')
+    o.add_argument("--model", default=None, help="[backend:]model (default smollm2-135m)")
+    o.add_argument("--seed", type=int, default=None)
+    o.add_argument("--run-dir", default=None, help="default runs/<task>-<strategy>-s<seed>")
+    o.add_argument("--resume", action="store_true", help="continue a killed run from its last finished step")
+    o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config setting, e.g. --set lora.epochs=3 --set sizes=50,50,50")
+    o.set_defaults(func=cmd_optimize)
     return p
 
 

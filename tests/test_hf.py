@@ -147,8 +147,6 @@ def test_context_length(tiny_model_dir):
         lm._generate([short, too_long])
 
 
-@pytest.mark.xfail(strict=True, reason="LM.__init__ does `cache or None`; an empty CallCache has len 0, "
-                   "is falsy and gets dropped (tandem/lm/base.py)")
 def test_call_cache(tiny_model_dir, tmp_path):
     lm = HFLM(tiny_model_dir, cache=CallCache(tmp_path / "calls.sqlite"))
     r = req(lm, max_tokens=6)

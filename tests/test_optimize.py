@@ -62,7 +62,7 @@ def fake_trainer(calls):
         out.mkdir(parents=True, exist_ok=True)
         (out / "adapter_config.json").write_text("{}")
         calls.append(list(examples))
-        return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False)
+        return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False, "eager")
     return train
 
 

@@ -125,7 +125,8 @@ class LM(ABC):
         self.name = name
         if cache is True:
             cache = default_cache()
-        self.cache: CallCache | None = cache or None
+        # `cache or None` would drop an empty cache: CallCache has __len__.
+        self.cache: CallCache | None = cache if isinstance(cache, CallCache) else None
         self.usage = Usage()
         self._usage_lock = threading.Lock()
         self._queue: queue.Queue | None = None

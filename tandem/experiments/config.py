@@ -1,0 +1,138 @@
+"""Run configuration: typed defaults, TOML files, ``key=value`` overrides.
+
+A config names a task (built in, or a Python file of the user's), a model,
+a strategy, a seed, split sizes and training settings::
+
+    # tandem optimize --config examples/iris.toml
+    task = "iris"
+    model = "smollm2-135m"
+    strategy = "p -> w -> p"
+    seed = 0
+
+    [lora]
+    learning_rate = 3e-4
+
+A user's own task is a Python file with ``program()`` (returns the program),
+``metric(example, prediction, trace=None)`` and ``load(data, seed)``
+(returns ``{"train": [...], "dev": [...], "test": [...]}`` of Examples)::
+
+    task = "my_task.py"
+    data = "my_data.jsonl"
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from tandem.tasks.registry import Task, get_task
+from tandem.train import LoRAConfig
+
+
+@dataclass
+class RunConfig:
+    task: str = "iris"  # a built-in task name, or a path to a task .py file
+    model: str = "smollm2-135m"  # [backend:]model
+    strategy: str = "p -> w -> p"  # the paper's headline strategy
+    seed: int = 0
+    data: str | None = None  # data file or folder; None: the task's default source
+    sizes: tuple[int, int, int] | None = None  # train/dev/test; None: the task's (paper's) sizes
+    prompt_train: int | None = None  # prompt step: bootstrap examples; None: the task's (paper's)
+    prompt_val: int | None = None  # prompt step: candidate-selection examples
+    num_candidates: int = 6  # the paper's
+    max_demos: int = 3  # the paper's
+    threads: int = 64  # concurrent program runs: enough to keep the engine's batch full
+    run_dir: str | None = None  # default: runs/<task>-<strategy>-s<seed>
+    lora: dict = field(default_factory=dict)  # LoRAConfig overrides
+    backend_options: dict = field(default_factory=dict)  # passed to the LM backend
+
+    def lora_config(self) -> LoRAConfig:
+        known = {f.name for f in fields(LoRAConfig)}
+        unknown = set(self.lora) - known
+        if unknown:
+            raise ValueError(f"unknown [lora] setting(s) {sorted(unknown)}; known: {sorted(known)}")
+        cfg = LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.lora.items()})
+        return replace(cfg, seed=self.seed)
+
+    def default_run_dir(self) -> Path:
+        slug = self.strategy.replace(" ", "").replace("->", "")
+        name = Path(self.task).stem
+        return Path(self.run_dir or f"runs/{name}-{slug}-s{self.seed}")
+
+
+def _coerce(name: str, raw: str) -> Any:
+    if name in ("seed", "num_candidates", "max_demos", "threads", "prompt_train", "prompt_val"):
+        return int(raw)
+    if name == "sizes":
+        return tuple(int(x) for x in raw.split(","))
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> RunConfig:
+    """Defaults, then the TOML file, then ``key=value`` overrides, then keyword arguments."""
+    values: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        path = Path(path)
+        try:
+            values = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"config file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        base = path.parent
+    known = {f.name for f in fields(RunConfig)}
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        if key.startswith("lora."):
+            values.setdefault("lora", {})[key[5:]] = _number(raw)
+        else:
+            values[key] = _coerce(key, raw)
+    values.update({k: v for k, v in kwargs.items() if v is not None})
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    if "sizes" in values and values["sizes"] is not None:
+        values["sizes"] = tuple(values["sizes"])
+    cfg = RunConfig(**values)
+    # Paths in a config file are relative to the file.
+    for attr in ("task", "data"):
+        v = getattr(cfg, attr)
+        if v and (v.endswith(".py") or attr == "data") and not Path(v).is_absolute() and path is not None:
+            setattr(cfg, attr, str(base / v))
+    return cfg
+
+
+def _number(raw: str) -> Any:
+    for conv in (int, float):
+        try:
+            return conv(raw)
+        except ValueError:
+            pass
+    return raw
+
+
+def resolve_task(cfg: RunConfig) -> Task:
+    if not cfg.task.endswith(".py"):
+        return get_task(cfg.task)
+    path = Path(cfg.task)
+    if not path.exists():
+        raise ValueError(f"task file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"tandem_user_task_{path.stem}", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # so saved programs can name the class
+    spec.loader.exec_module(mod)
+    missing = [n for n in ("program", "metric", "load") if not hasattr(mod, n)]
+    if missing:
+        raise ValueError(f"task file {path} must define {', '.join(missing)} (see tandem.experiments.config)")
+    sizes = getattr(mod, "SIZES", (50, 50, 50))
+    prompt_sizes = getattr(mod, "PROMPT_SIZES", None)
+    return Task(path.stem, lambda data=None, seed=0, sizes=None: mod.load(data, seed), mod.program, mod.metric,
+                tuple(sizes), prompt_sizes)
