@@ -117,6 +117,23 @@ def test_bootstrap_passes_trace_to_metric_and_keys_calls_by_name_and_index():
     assert len(boot.calls("step")) == sum(i % 3 for i in range(9))
 
 
+def test_failed_examples_are_resampled_with_seeds():
+    def reply(text, params):
+        x = _x(text)
+        if params.temperature > 0 and params.seed == 2:
+            return f" sampled\nY: {x % 3}"
+        return f" greedy\nY: {(x + 1) % 3 if x % 2 else x % 3}"
+
+    prog = Mod3().set_lm(FakeLM(reply))
+    one = bootstrap(prog, data(10), metric, attempts=1)
+    three = bootstrap(prog, data(10), metric, attempts=3)
+    assert len(one.passed) == 5 and len(three.passed) == 10
+    assert sorted(r.attempt for r in three.passed) == [0] * 5 + [2] * 5
+    resampled = [r for r in three.passed if r.attempt == 2]
+    assert all("sampled" in r.entries[0].completion for r in resampled)
+    assert three.usage.calls == 10 + 5 + 5
+
+
 # -- the prompt step --------------------------------------------------------------------------
 def test_random_search_candidates_and_deterministic_choice():
     prog = Mod3().set_lm(FakeLM(base_reply))

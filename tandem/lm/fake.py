@@ -53,9 +53,18 @@ class FakeLM(LM):
             self.prompts.extend(r.text for r in requests)
         out = []
         for r in requests:
-            text = self._reply(r.text)
+            text = self._reply(r.text, r.params) if self._wants_params() else self._reply(r.text)
             out.append(Completion(text, self.count_tokens(r.text), self.count_tokens(text)))
         return out
+
+    def _wants_params(self) -> bool:
+        """Reply functions may take (text) or (text, sampling params)."""
+        import inspect
+
+        try:
+            return len(inspect.signature(self._reply).parameters) >= 2
+        except (TypeError, ValueError):
+            return False
 
     def with_adapter(self, adapter, reply: Callable[[str], str] | None = None) -> "FakeLM":
         new = FakeLM(reply or self.adapter_replies.get(str(adapter), self._reply) if adapter else self._base_reply,

@@ -148,6 +148,7 @@ class _Engine:
 
 _engines: dict[tuple, _Engine] = {}
 _engines_lock = threading.Lock()
+_prepare_lock = threading.Lock()
 
 
 def _get_engine(model_dir: Path, options: dict) -> _Engine:
@@ -207,6 +208,7 @@ class VLLM(LM):
         self._chat = has_chat_template(self.model_dir)
         self._lora_request = None
         self._fingerprint: str | None = None
+        self._engine: _Engine | None = None
 
     # -- engine ------------------------------------------------------------------
     def _serving_dir(self) -> Path:
@@ -223,7 +225,15 @@ class VLLM(LM):
         return merged
 
     def engine(self) -> _Engine:
-        return _get_engine(self._serving_dir(), self.options)
+        eng = self._engine
+        if eng is None or eng._closed:
+            # Many threads arrive here at once on the first call; one of them
+            # merges the adapter (if any) and starts the engine.
+            with _prepare_lock:
+                eng = self._engine
+                if eng is None or eng._closed:
+                    eng = self._engine = _get_engine(self._serving_dir(), self.options)
+        return eng
 
     def _lora(self):
         if self.adapter is None or self.adapter_mode != "lora":
@@ -243,6 +253,7 @@ class VLLM(LM):
         new.adapter = Path(adapter) if adapter else None
         new._lora_request = None
         new._fingerprint = None
+        new._engine = None if (adapter or self.adapter) and self.adapter_mode == "merge" else self._engine
         return new
 
     def spec(self) -> dict:

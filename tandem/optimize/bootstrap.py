@@ -22,6 +22,7 @@ from tandem.evaluate.evaluate import Metric, run_example
 from tandem.lm.base import Usage
 from tandem.program.example import Example
 from tandem.program.module import Module
+from tandem.program.predict import sampling_override
 from tandem.program.trace import TraceEntry
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
 
@@ -39,6 +40,7 @@ class BootstrapRun:
     passed: bool
     entries: list[TraceEntry]  # the trace of this run
     failure: str | None = None
+    attempt: int = 0  # 0: greedy; k > 0: the k-th re-sample
 
 
 @dataclass
@@ -65,20 +67,40 @@ def bootstrap(
     *,
     num_threads: int = 64,
     threshold: float = PASS_THRESHOLD,
+    attempts: int = 1,
+    temperature: float = 0.7,
     progress: Callable[[int, int], None] | None = None,
 ) -> BootstrapResult:
-    """Run ``program`` on each example concurrently and score it with the trace."""
+    """Run ``program`` on each example concurrently and score it with the trace.
+
+    An example that fails greedily is tried again up to ``attempts - 1`` times,
+    sampled at ``temperature`` with seeds 1, 2, ... (deterministic, cacheable).
+    A small model that answers every input alike passes only the examples of
+    one class greedily; re-sampling finds passing traces for the others, which
+    is what demos and fine-tuning need (DSPy's bootstrap re-samples failed
+    examples the same way, over several rounds).
+    """
     runs: list[BootstrapRun | None] = [None] * len(examples)
     usage = Usage()
 
-    def work(i: int) -> BootstrapRun:
-        rec, t = run_example(program, examples[i], metric, i)
-        usage_part = t.usage
-        run = BootstrapRun(
-            examples[i], rec.prediction, rec.score,
-            rec.failure is None and rec.score >= threshold, list(t.entries), rec.failure,
-        )
-        return run, usage_part
+    def work(i: int) -> tuple[BootstrapRun, Usage]:
+        spent = Usage()
+        run = None
+        for attempt in range(max(1, attempts)):
+            if attempt == 0:
+                rec, t = run_example(program, examples[i], metric, i)
+            else:
+                with sampling_override(temperature=temperature, seed=attempt):
+                    rec, t = run_example(program, examples[i], metric, i)
+            spent.merge(t.usage)
+            run = BootstrapRun(
+                examples[i], rec.prediction, rec.score,
+                rec.failure is None and rec.score >= threshold, list(t.entries), rec.failure,
+            )
+            run.attempt = attempt
+            if run.passed:
+                break
+        return run, spent
 
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples) or 1))) as pool:
@@ -123,8 +145,10 @@ class BootstrapFewShot:
         max_labeled_demos: int = 3,
         teacher: Module | None = None,
         num_threads: int = 64,
+        attempts: int = 3,
     ) -> None:
         self.metric = metric
+        self.attempts = attempts
         self.max_bootstrapped_demos = max_bootstrapped_demos
         self.max_labeled_demos = max_labeled_demos
         self.teacher = teacher
@@ -132,7 +156,8 @@ class BootstrapFewShot:
 
     def run_bootstrap(self, program: Module, trainset: list[Example], progress=None) -> BootstrapResult:
         teacher = self.teacher or program
-        return bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, progress=progress)
+        return bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
+                         progress=progress)
 
     def assemble(
         self, program: Module, boot: BootstrapResult, trainset: list[Example], rng: random.Random | None = None,

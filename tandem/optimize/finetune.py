@@ -54,6 +54,7 @@ class BootstrapFinetune:
         num_threads: int = 64,
         out_dir: str | Path | None = None,
         trainer=train_lora,
+        attempts: int = 3,  # greedy, then 2 re-samples of each failed training example
     ) -> None:
         self.metric = metric
         self.config = config
@@ -62,6 +63,7 @@ class BootstrapFinetune:
         self.num_threads = num_threads
         self.out_dir = Path(out_dir) if out_dir else None
         self.trainer = trainer  # train_lora; tests pass a stand-in with the same signature
+        self.attempts = attempts
 
     def sft_examples(self, program: Module, boot) -> dict[str, list[SFTExample]]:
         """SFT examples grouped by the LoRA they train (an LM, or a module)."""
@@ -88,7 +90,7 @@ class BootstrapFinetune:
         start = time.perf_counter()
         usage = Usage()
         boot = bootstrap(
-            program, trainset, self.metric, num_threads=self.num_threads,
+            program, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
             progress=(lambda d, t: progress("traces", d, t)) if progress else None,
         )
         usage.merge(boot.usage)

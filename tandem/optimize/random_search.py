@@ -42,6 +42,7 @@ class RandomSearch:
         max_labeled_demos: int | None = None,
         teacher: Module | None = None,
         num_threads: int = 64,
+        attempts: int = 3,  # greedy, then 2 re-samples of each failed training example
     ) -> None:
         if num_candidates < 1:
             raise ValueError("num_candidates must be at least 1")
@@ -51,7 +52,7 @@ class RandomSearch:
         self.fewshot = BootstrapFewShot(
             metric, max_bootstrapped_demos=max_demos,
             max_labeled_demos=max_demos if max_labeled_demos is None else max_labeled_demos,
-            teacher=teacher, num_threads=num_threads,
+            teacher=teacher, num_threads=num_threads, attempts=attempts,
         )
         self.num_threads = num_threads
 

@@ -8,8 +8,11 @@ reply into output fields and records the call in the active trace.
 
 from __future__ import annotations
 
+import contextvars
 import copy
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any, Iterator
 
 from tandem.lm.base import LM, Request, SamplingParams
 from tandem.program.example import Prediction
@@ -19,7 +22,23 @@ from tandem.program.signature import Field, Signature
 from tandem.program.trace import current_trace
 from tandem.settings import settings
 
-__all__ = ["Predict", "ChainOfThought", "ParseError"]
+__all__ = ["Predict", "ChainOfThought", "ParseError", "sampling_override"]
+
+_override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tandem_sampling", default=None)
+
+
+@contextmanager
+def sampling_override(**params: Any) -> Iterator[None]:
+    """Run predictors with other sampling settings, e.g. ``temperature=0.7, seed=3``.
+
+    Bootstrapping uses it to re-sample examples that failed greedily; it is
+    context-local, so concurrent runs in other threads are unaffected.
+    """
+    token = _override.set(params)
+    try:
+        yield
+    finally:
+        _override.reset(token)
 
 
 class Predict(Module):
@@ -53,10 +72,17 @@ class Predict(Module):
             )
         return lm
 
+    def sampling(self) -> SamplingParams:
+        """This predictor's sampling settings, under any active ``sampling_override``."""
+        override = _override.get()
+        if override is None:
+            return self.params
+        return replace(self.params, **override)
+
     def request(self, inputs: dict, lm: LM | None = None) -> Request:
         lm = lm or self.get_lm()
         prompt = build_prompt(self.signature, self.demos, inputs)
-        return Request(lm.render(prompt), self.params, prompt)
+        return Request(lm.render(prompt), self.sampling(), prompt)
 
     def forward(self, **inputs: Any) -> Prediction:
         lm = self.get_lm()
@@ -97,8 +123,8 @@ class Predict(Module):
             reply = reply.rstrip() + f"\n{field.label}:"
             stop = () if field.multiline else ("\n",)
             cont = lm.complete(Request(req.text + reply, SamplingParams(
-                self.params.temperature, min(self.params.max_tokens, 64 if stop else self.params.max_tokens), stop,
-                self.params.seed)))
+                req.params.temperature, min(req.params.max_tokens, 64 if stop else req.params.max_tokens), stop,
+                req.params.seed)))
             if t is not None:
                 t.usage.add(cont)
             reply += cont.text
