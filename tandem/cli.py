@@ -2,6 +2,8 @@
 
     tandem eval iris --model smollm2-135m --split dev
     tandem optimize iris --strategy "p -> w -> p"
+    tandem experiment examples/iris_table.toml
+    tandem report runs/exp-iris
 
 Library code logs; progress bars, tables and colour live here.
 """
@@ -54,7 +56,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     splits = task.load(data=args.data, seed=args.seed)
     data = splits[args.split][: args.limit] if args.limit else splits[args.split]
     lm = get_lm(args.model, **({"cache": False} if args.no_cache else {}))
-    program = task.program().set_lm(lm)
+    program = task.make_program(splits).set_lm(lm)
     console.print(f"[bold]{task.name}[/] {args.split} split: {len(data)} examples, model {args.model}")
     t0 = time.perf_counter()
     with console.status("loading the model"):
@@ -116,65 +118,99 @@ def steps_table(history, title: str) -> Table:
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    from tandem.evaluate import evaluate
-    from tandem.experiments.config import load_config, resolve_task
+    from tandem.experiments.config import load_config
+    from tandem.experiments.run import load_data, run_cell, write_json
     from tandem.lm.registry import get_lm
-    from tandem.optimize import BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan
+    from tandem.optimize.base import StepRecord
 
     cfg = load_config(args.config, args.set, task=args.task, model=args.model, strategy=args.strategy,
-                      seed=args.seed, run_dir=args.run_dir)
-    task = resolve_task(cfg)
-    splits = task.load(data=cfg.data, seed=cfg.seed, **({"sizes": cfg.sizes} if cfg.sizes else {}))
-    ptrain, pval = cfg.prompt_train, cfg.prompt_val
-    if ptrain is None and task.prompt_sizes:
-        ptrain, pval = task.prompt_sizes
+                      seed=args.seed, run_dir=args.run_dir, data=args.data)
+    shared: dict = {}
+    task, data = load_data(cfg, cache=shared)  # data errors before the model loads
     run_dir = cfg.default_run_dir()
-    bt = BetterTogether(
-        task.metric, strategy=cfg.strategy,
-        prompt_optimizer=RandomSearch(task.metric, num_candidates=cfg.num_candidates, max_demos=cfg.max_demos,
-                                      num_threads=cfg.threads),
-        weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads),
-        splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
-    )
     console.print(
         f"[bold]{task.name}[/] strategy [bold]{cfg.strategy}[/], seed {cfg.seed}, model {cfg.model}: "
-        f"train {len(splits['train'])} / dev {len(splits['dev'])} / test {len(splits['test'])}; run dir {run_dir}"
+        f"train {len(data['train'])} / dev {len(data['dev'])} / test {len(data['test'])}; run dir {run_dir}"
     )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     t0 = time.perf_counter()
     lm = get_lm(cfg.model, **cfg.backend_options)
     with console.status("loading the model"):
         lm.start()
     load_s = time.perf_counter() - t0
-    program = task.program().set_lm(lm)
     try:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as bar:
-            steps = StepProgress(bar)
-            result = bt.compile(program, trainset=splits["train"], valset=splits["dev"], seed=cfg.seed,
-                                resume=args.resume, progress=steps)
-            with_test = evaluate(result.program, splits["test"], task.metric, num_threads=cfg.threads,
-                                 progress=lambda d, t: steps("test", d, t))
+            summary = run_cell(cfg, lm, StepProgress(bar), resume=args.resume, run_dir=run_dir, shared=shared,
+                               info=lambda msg: console.print(f"[yellow]note:[/] {msg}"))
     finally:
         lm.close()
     total_s = time.perf_counter() - t0
-    Console().print(steps_table(result.history, f"{task.name}: {cfg.strategy} (seed {cfg.seed})"))
-    best = result.extra["best_step"]
-    summary = {
-        "task": task.name, "model": cfg.model, "strategy": cfg.strategy, "seed": cfg.seed,
-        "best_step": best, "dev_score": result.score, "test_score": with_test.score,
-        "test_failures": with_test.failures, "wall_s": round(total_s, 1), "model_load_s": round(load_s, 1),
-        "history": [r.to_dict() for r in result.history],
-    }
-    (run_dir / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    summary["model_load_s"] = round(load_s, 1)
+    write_json(run_dir / "results.json", summary)
+    history = [StepRecord.from_dict(r) for r in summary["history"]]
+    if history:
+        Console().print(steps_table(history, f"{task.name}: {cfg.strategy} (seed {cfg.seed})"))
+    best = summary["best_step"]
+    chosen = f"step {best + 1} (dev {summary['dev_score']:.1f})" if best is not None else \
+        f"the program as it is (dev {summary['dev_score']:.1f})"
     Console().print(
-        f"returned program: step {best + 1} (dev {result.score:.1f}); "
-        f"[bold]test {with_test.score:.1f}%[/] on {with_test.n} examples; total {total_s:.0f} s; "
-        f"saved to {run_dir / 'final'}"
+        f"returned program: {chosen}; [bold]test {summary['test_score']:.1f}%[/] on {summary['test_n']} examples "
+        f"(zero-shot {summary['zero_shot_test_score']:.1f}%: {summary['fixed']} fixed, {summary['broken']} broken); "
+        f"total {total_s:.0f} s; saved to {run_dir / 'final'}"
     )
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from tandem.experiments.grid import load_experiment, run_experiment
+
+    exp = load_experiment(args.config, args.set)
+    cells = exp.cells()
+    done = sum(c.done() for c in cells)
+    console.print(
+        f"[bold]experiment[/] {len(exp.tasks)} task(s) x {len(exp.models)} model(s) x "
+        f"{len(exp.strategies)} strateg{'y' if len(exp.strategies) == 1 else 'ies'} x {len(exp.seeds)} seed(s) = "
+        f"{len(cells)} runs, {done} already finished; out {exp.out}"
+    )
+    if args.dry_run:
+        for c in cells:
+            state = ("done, other settings" if c.stale() else "done") if c.done() else "todo"
+            console.print(f"  {state}  {c.label}  ->  {c.run_dir}")
+        return 0
+    position = {c.label: i + 1 for i, c in enumerate(cells)}
+
+    @contextmanager
+    def progress_for(cell):
+        console.rule(f"[{position[cell.label]}/{len(cells)}] {cell.label}")
+        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            yield StepProgress(bar)
+
+    def on_cell(cell, summary):
+        if summary.get("status") == "ok":
+            console.print(f"[green]done[/] {cell.label}: dev {summary['dev_score']:.1f}, "
+                          f"[bold]test {summary['test_score']:.1f}[/] ({summary['wall_s']:.0f} s)")
+        else:
+            console.print(f"[red]failed[/] {cell.label}: {summary.get('error')}")
+
+    doc = run_experiment(exp, progress_for=progress_for, on_cell=on_cell,
+                         info=lambda msg: console.print(f"[yellow]note:[/] {msg}"))
+    print((exp.out / "table.md").read_text())
+    failed = [c for c in doc["cells"] if c.get("status") == "failed"]
+    console.print(f"results: {exp.out / 'results.json'}, table: {exp.out / 'table.md'}; "
+                  f"report: tandem report {exp.out}")
+    if failed:
+        console.print(f"[red]{len(failed)} run(s) failed[/]; run the same command again to retry them")
+        return 1
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tandem.experiments.report import write_report
+
+    html_path, summary = write_report(args.run_dir, out=args.out, max_examples=args.examples)
+    print(summary)
+    console.print(f"report written to {html_path}")
     return 0
 
 
@@ -188,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", default="smollm2-135m", help="[backend:]model, e.g. smollm2-135m, hf:smollm2-135m, /path/to/checkpoint")
     e.add_argument("--split", default="dev", choices=("train", "dev", "test"))
     e.add_argument("--seed", type=int, default=0, help="seed of the data split")
-    e.add_argument("--data", default=None, help="data file (default: the task's bundled source)")
+    e.add_argument("--data", default=None,
+                   help="data file or folder (default: iris bundled; gsm8k/hotpotqa: ../shared/data/<task>)")
     e.add_argument("--limit", type=int, default=None, help="only the first N examples")
     e.add_argument("--threads", type=int, default=64, help="examples run concurrently")
     e.add_argument("--no-cache", action="store_true", help="don't read or write the call cache")
@@ -202,10 +239,26 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", default=None, help="[backend:]model (default smollm2-135m)")
     o.add_argument("--seed", type=int, default=None)
     o.add_argument("--run-dir", default=None, help="default runs/<task>-<strategy>-s<seed>")
+    o.add_argument("--data", default=None,
+                   help="data file or folder (default: iris bundled; gsm8k/hotpotqa: ../shared/data/<task>)")
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last finished step")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config setting, e.g. --set lora.epochs=3 --set sizes=50,50,50")
     o.set_defaults(func=cmd_optimize)
+
+    x = sub.add_parser("experiment", help="run tasks x models x strategies x seeds; write results.json and table.md")
+    x.add_argument("config", help="experiment TOML file (see examples/iris_table.toml)")
+    x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override: seeds=0,1 / tasks=iris / sizes=20,20,20 (every run) / "
+                        "per_task.gsm8k.sizes=100,50,100 / lora.epochs=1")
+    x.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
+    x.set_defaults(func=cmd_experiment)
+
+    r = sub.add_parser("report", help="one self-contained HTML report of a run or an experiment")
+    r.add_argument("run_dir", help="a run directory (tandem optimize) or an experiment's out folder")
+    r.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
+    r.add_argument("--examples", type=int, default=8, help="fixed / broken examples shown per run")
+    r.set_defaults(func=cmd_report)
     return p
 
 

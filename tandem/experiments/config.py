@@ -14,7 +14,9 @@ a strategy, a seed, split sizes and training settings::
 
 A user's own task is a Python file with ``program()`` (returns the program),
 ``metric(example, prediction, trace=None)`` and ``load(data, seed)``
-(returns ``{"train": [...], "dev": [...], "test": [...]}`` of Examples)::
+(returns ``{"train": [...], "dev": [...], "test": [...]}`` of Examples);
+with ``PROGRAM_TAKES_DATA = True`` the file's ``program(data)`` receives
+what ``load`` returned (to build a retriever from it, say)::
 
     task = "my_task.py"
     data = "my_data.jsonl"
@@ -39,6 +41,7 @@ class RunConfig:
     model: str = "smollm2-135m"  # [backend:]model
     strategy: str = "p -> w -> p"  # the paper's headline strategy
     seed: int = 0
+    data_seed: int | None = None  # seed of the train/dev/test split; None: the same as seed
     data: str | None = None  # data file or folder; None: the task's default source
     sizes: tuple[int, int, int] | None = None  # train/dev/test; None: the task's (paper's) sizes
     prompt_train: int | None = None  # prompt step: bootstrap examples; None: the task's (paper's)
@@ -58,6 +61,9 @@ class RunConfig:
         cfg = LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.lora.items()})
         return replace(cfg, seed=self.seed)
 
+    def split_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
     def default_run_dir(self) -> Path:
         slug = self.strategy.replace(" ", "").replace("->", "")
         name = Path(self.task).stem
@@ -65,7 +71,7 @@ class RunConfig:
 
 
 def _coerce(name: str, raw: str) -> Any:
-    if name in ("seed", "num_candidates", "max_demos", "threads", "prompt_train", "prompt_val"):
+    if name in ("seed", "data_seed", "num_candidates", "max_demos", "threads", "prompt_train", "prompt_val"):
         return int(raw)
     if name == "sizes":
         return tuple(int(x) for x in raw.split(","))
@@ -135,4 +141,4 @@ def resolve_task(cfg: RunConfig) -> Task:
     sizes = getattr(mod, "SIZES", (50, 50, 50))
     prompt_sizes = getattr(mod, "PROMPT_SIZES", None)
     return Task(path.stem, lambda data=None, seed=0, sizes=None: mod.load(data, seed), mod.program, mod.metric,
-                tuple(sizes), prompt_sizes)
+                tuple(sizes), prompt_sizes, program_takes_data=bool(getattr(mod, "PROGRAM_TAKES_DATA", False)))

@@ -1,0 +1,426 @@
+"""Experiments: tasks x models x strategies x seeds from one TOML file, as the paper's Table 1.
+
+    # tandem experiment examples/iris_table.toml
+    tasks = ["iris"]
+    models = ["smollm2-135m"]
+    strategies = ["zero-shot", "p", "w", "p -> w", "w -> p", "p -> w -> p"]
+    seeds = [0, 1, 2]
+    out = "runs/exp-iris"
+
+    # Any `tandem optimize` setting applies to every run ...
+    num_candidates = 6
+    [lora]
+    epochs = 5
+
+    # ... and per task (wins over the above).
+    [per_task.gsm8k]
+    sizes = [200, 100, 200]
+
+Each run (one task, model, strategy and seed; "zero-shot" is the program as
+it is) goes to ``<out>/<task>/<model>/<strategy>-s<seed>/`` through
+``run_cell``, exactly as ``tandem optimize`` would. A run whose
+results.json exists is skipped; a killed one resumes from its last finished
+step. One LM per model serves all of that model's runs and is closed when
+they are done. After every run ``<out>/results.json`` (all runs) and
+``<out>/table.md`` are rewritten, so a long experiment can be read while it
+runs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import statistics
+import time
+import tomllib
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+from tandem.experiments.config import RunConfig, _coerce, _number
+from tandem.experiments.paper import PAPER_MODELS, normalize_strategy, paper_cell, task_label
+from tandem.experiments.run import (
+    RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
+)
+from tandem.optimize.base import Progress
+
+log = logging.getLogger(__name__)
+
+GRID_KEYS = ("tasks", "models", "strategies", "seeds", "out")
+_RUN_KEYS = {f.name for f in fields(RunConfig)} - {"task", "model", "strategy", "seed", "run_dir"}
+
+
+@dataclass
+class Experiment:
+    tasks: list[str]
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    strategies: list[str] = field(default_factory=lambda: ["zero-shot", "p", "w", "p -> w", "w -> p", "p -> w -> p"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    out: Path = Path("runs/experiment")
+    settings: dict = field(default_factory=dict)  # RunConfig settings for every run
+    per_task: dict[str, dict] = field(default_factory=dict)  # task -> settings that win over `settings`
+    source: str | None = None  # the TOML file
+
+    def config(self, task: str, model: str, strategy: str, seed: int) -> RunConfig:
+        values = _merge(self.settings, self.per_task.get(task, {}))
+        return RunConfig(task=task, model=model, strategy=strategy, seed=seed, **values)
+
+    def cells(self) -> list["Cell"]:
+        """Every run, model-major (one engine at a time), then task, then seed, then strategy:
+        partial results give every strategy a first seed before any gets a second."""
+        out = []
+        for model in self.models:
+            for task in self.tasks:
+                for seed in self.seeds:
+                    for strategy in self.strategies:
+                        cfg = self.config(task, model, strategy, seed)
+                        run_dir = self.out / Path(task).stem / _slug(model) / f"{strategy_slug(strategy)}-s{seed}"
+                        cfg.run_dir = str(run_dir)
+                        out.append(Cell(task, model, strategy, seed, cfg, run_dir, self.out))
+        return out
+
+    def to_dict(self) -> dict:
+        return {"tasks": self.tasks, "models": self.models, "strategies": self.strategies, "seeds": self.seeds,
+                "out": str(self.out), "settings": self.settings, "per_task": self.per_task, "source": self.source}
+
+
+@dataclass
+class Cell:
+    task: str
+    model: str
+    strategy: str
+    seed: int
+    cfg: RunConfig
+    run_dir: Path
+    cfg_out: Path | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{Path(self.task).stem} / {self.model} / {self.strategy} / seed {self.seed}"
+
+    @property
+    def path(self) -> str:
+        """The run directory relative to the experiment's ``out`` (what reports resolve)."""
+        return str(self.run_dir.relative_to(self.cfg_out)) if self.cfg_out else str(self.run_dir)
+
+    def done(self) -> bool:
+        return (self.run_dir / RESULTS).exists()
+
+    def stale(self) -> bool:
+        """Finished, but with other settings than the experiment's now (it is still skipped)."""
+        saved = read_json(self.run_dir / "config.json")
+        if not saved or not self.done():
+            return False
+        now = json.loads(json.dumps(asdict(self.cfg), default=list))
+        return any(saved.get(k) != v for k, v in now.items() if k != "run_dir")
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
+def _merge(a: dict, b: dict) -> dict:
+    out = dict(a)
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = {**out[k], **v}
+        else:
+            out[k] = v
+    return out
+
+
+def _check_settings(values: dict, where: str) -> dict:
+    unknown = set(values) - _RUN_KEYS
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown setting(s) {sorted(unknown)}; an experiment takes {list(GRID_KEYS)}, "
+            f"[per_task.<task>] tables and any run setting: {sorted(_RUN_KEYS)}"
+        )
+    if values.get("sizes") is not None:
+        values["sizes"] = tuple(values["sizes"])
+    return values
+
+
+def _list(raw: str) -> list[str]:
+    return [x.strip() for x in raw.split(",") if x.strip()]
+
+
+def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> Experiment:
+    """The experiment in a TOML file, with ``key=value`` overrides (``--set``) applied last.
+
+    Overrides: ``seeds=0,1`` or ``tasks=iris,gsm8k`` (grid keys, comma-separated),
+    ``sizes=50,50,50`` or ``lora.epochs=1`` (every run), ``per_task.gsm8k.sizes=...``
+    (one task's runs).
+    """
+    doc: dict[str, Any] = {}
+    base = Path(".")
+    if path is not None:
+        path = Path(path)
+        try:
+            doc = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ValueError(f"experiment file {path} does not exist") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        base = path.parent
+    doc.update(values)
+    per_task = {k: dict(v) for k, v in (doc.pop("per_task", None) or {}).items()}
+    grid = {k: doc.pop(k) for k in GRID_KEYS if k in doc}
+    settings = dict(doc)
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} is not key=value")
+        if key in GRID_KEYS:
+            if key == "out":
+                grid["out"] = raw
+            elif key == "seeds":
+                grid["seeds"] = [int(x) for x in _list(raw)]
+            else:
+                grid[key] = _list(raw)
+            continue
+        # An override for every run also wins over the file's [per_task] tables.
+        targets = [settings, *per_task.values()]
+        if key.startswith("per_task."):
+            task, _, key = key[len("per_task."):].partition(".")
+            if not task or not key:
+                raise ValueError(f"override {item!r}: write per_task.<task>.<setting>=value")
+            targets = [per_task.setdefault(task, {})]
+        for target in targets:
+            if key.startswith("lora."):
+                target.setdefault("lora", {})[key[5:]] = _number(raw)
+            elif target is settings or key in target:
+                target[key] = _coerce(key, raw)
+    if "tasks" not in grid:
+        raise ValueError("an experiment needs `tasks = [...]` (e.g. tasks = [\"iris\"])")
+    for key in ("tasks", "models", "strategies", "seeds"):
+        if key in grid and (not isinstance(grid[key], list) or not grid[key]):
+            raise ValueError(f"`{key}` must be a non-empty list, got {grid[key]!r}")
+    _check_settings(settings, str(path or "experiment"))
+    for task, values_ in per_task.items():
+        _check_settings(values_, f"[per_task.{task}]")
+        if task not in grid["tasks"]:
+            raise ValueError(f"[per_task.{task}]: {task!r} is not in tasks {grid['tasks']}")
+    # Paths in the file are relative to the file, as in `tandem optimize --config`.
+    if path is not None:
+        for values_ in (settings, *per_task.values()):
+            if values_.get("data") and not Path(values_["data"]).is_absolute():
+                values_["data"] = str(base / values_["data"])
+        grid["tasks"] = [str(base / t) if t.endswith(".py") and not Path(t).is_absolute() else t
+                         for t in grid["tasks"]]
+    exp = Experiment(settings=settings, per_task=per_task, source=str(path) if path else None,
+                     **{k: v for k, v in grid.items() if k != "out"})
+    exp.out = Path(grid.get("out", "runs/experiment"))
+    exp.seeds = [int(s) for s in exp.seeds]
+    from tandem.optimize.better_together import parse_strategy
+
+    for s in exp.strategies:
+        if not is_zero_shot(s):
+            parse_strategy(s, {"p", "w"})
+    exp.cells()  # settings errors now, not after the first model has loaded
+    return exp
+
+
+# -- running ------------------------------------------------------------------------------
+def run_experiment(
+    exp: Experiment,
+    *,
+    lm_factory: Callable[..., Any] | None = None,
+    trainer: Callable | None = None,
+    progress_for: Callable[[Cell], ContextManager[Progress | None]] | None = None,
+    info: Callable[[str], None] | None = None,
+    on_cell: Callable[[Cell, dict], None] | None = None,
+) -> dict:
+    """Run every unfinished cell; return (and write) ``<out>/results.json``.
+
+    ``lm_factory(model, **backend_options)`` builds an LM (default
+    ``tandem.lm.registry.get_lm``); each model's LM is built once, when its
+    first unfinished cell runs, and closed after its last. A cell that raises
+    is recorded as failed and the grid goes on; it runs again next time.
+    """
+    if lm_factory is None:
+        from tandem.lm.registry import get_lm as lm_factory
+    say = info or (lambda msg: log.info("%s", msg))
+    exp.out.mkdir(parents=True, exist_ok=True)
+    cells = exp.cells()
+    shared: dict = {}
+    errors: dict[str, str] = {}
+    load_s: dict[str, float] = {}
+    by_model: dict[str, list[Cell]] = {}
+    for c in cells:
+        by_model.setdefault(c.model, []).append(c)
+    _write(exp, cells, errors, load_s)
+    for model, group in by_model.items():
+        todo = [c for c in group if not c.done()]
+        if len(todo) < len(group):
+            say(f"{model}: {len(group) - len(todo)} of {len(group)} run(s) already finished")
+        stale = [c for c in group if c.stale()]
+        if stale:
+            say(f"{len(stale)} finished run(s) used other settings than this experiment now has "
+                f"(first: {stale[0].run_dir}); they are kept: delete them, or use another `out`, to run them again")
+        if not todo:
+            continue
+        options = dict(todo[0].cfg.backend_options)
+        say(f"loading {model} for {len(todo)} run(s)")
+        t0 = time.perf_counter()
+        lm = lm_factory(model, **options)
+        lm.start()
+        load_s[model] = round(time.perf_counter() - t0, 1)
+        say(f"{model} ready in {load_s[model]:.0f} s")
+        try:
+            for cell in todo:
+                if cell.cfg.backend_options != options:
+                    raise ValueError(f"{cell.label}: backend_options differ between runs of model {model}; "
+                                     "one engine serves them all")
+                errors.pop(cell.label, None)
+                ctx = progress_for(cell) if progress_for else nullcontext(None)
+                try:
+                    with ctx as progress:
+                        summary = run_cell(cell.cfg, lm, progress, resume=True, run_dir=cell.run_dir,
+                                           shared=shared, trainer=trainer, info=say)
+                except Exception as exc:  # noqa: BLE001 - recorded; the other cells go on
+                    log.exception("%s failed", cell.label)
+                    errors[cell.label] = f"{type(exc).__name__}: {exc}"
+                    summary = {"status": "failed", "error": errors[cell.label]}
+                if on_cell:
+                    on_cell(cell, summary)
+                _write(exp, cells, errors, load_s)
+        finally:
+            lm.close()
+    return _write(exp, cells, errors, load_s)
+
+
+def cell_entry(cell: Cell, errors: dict[str, str] | None = None) -> dict:
+    base = {"task": Path(cell.task).stem, "model": cell.model, "strategy": normalize_strategy(cell.strategy),
+            "seed": cell.seed, "run_dir": str(cell.run_dir), "path": cell.path}
+    res = read_json(cell.run_dir / RESULTS)
+    if res is not None:
+        return {**res, **base, "status": res.get("status", "ok")}
+    if errors and cell.label in errors:
+        return {**base, "status": "failed", "error": errors[cell.label]}
+    started = (cell.run_dir / "history.json").exists()
+    return {**base, "status": "partial" if started else "pending"}
+
+
+def _write(exp: Experiment, cells: list[Cell], errors: dict, load_s: dict) -> dict:
+    doc = {"experiment": exp.to_dict(), "model_load_s": load_s,
+           "cells": [cell_entry(c, errors) for c in cells]}
+    write_json(exp.out / "results.json", doc)
+    (exp.out / "table.md").write_text(table_markdown(doc))
+    return doc
+
+
+# -- the table ----------------------------------------------------------------------------
+def mean_std(values: list[float]) -> tuple[float, float | None]:
+    m = statistics.fmean(values)
+    return m, (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def _fmt(values: list[float]) -> str:
+    if not values:
+        return "–"
+    m, s = mean_std(values)
+    return f"{m:.1f} ± {s:.1f} (n={len(values)})" if s is not None else f"{m:.1f} (n=1)"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def table_markdown(doc: dict) -> str:
+    """The experiment as Table 1: strategies x tasks, ours (mean ± std over seeds) and the paper's."""
+    exp = doc["experiment"]
+    entries = doc["cells"]
+    tasks = [Path(t).stem for t in exp["tasks"]]
+    strategies = [normalize_strategy(s) for s in exp["strategies"]]
+    ok = [e for e in entries if e.get("status") == "ok"]
+    lines = [f"# Experiment {exp['out']}", ""]
+    counts = {s: sum(1 for e in entries if e.get("status") == s) for s in ("ok", "partial", "pending", "failed")}
+    lines.append(f"Runs: {counts['ok']} finished, {counts['partial']} partial, {counts['pending']} pending, "
+                 f"{counts['failed']} failed (of {len(entries)}). Seeds: {exp['seeds']}.")
+    sizes = {}
+    for e in ok:
+        sz = e.get("sizes") or {}
+        sizes.setdefault(e["task"], set()).add(f"{sz.get('train')}/{sz.get('dev')}/{sz.get('test')}")
+    if sizes:
+        lines.append("Splits (train/dev/test): " + "; ".join(
+            f"{task_label(t)} {', '.join(sorted(v))}" for t, v in sizes.items()) + ".")
+    lines.append("")
+    header = _row(["strategy", *[task_label(t) for t in tasks]])
+    sep = _row(["---"] * (len(tasks) + 1))
+    for model in exp["models"]:
+        lines += [f"## Ours: {model}", "",
+                  "Test accuracy %, mean ± sample std over seeds (n: seeds finished); best mean per column in bold.",
+                  "", header, sep]
+        scores = {(s, t): [e["test_score"] for e in ok if e["model"] == model and e["strategy"] == s
+                           and e["task"] == t] for s in strategies for t in tasks}
+        best = {t: max((statistics.fmean(scores[s, t]) for s in strategies if scores[s, t]), default=None)
+                for t in tasks}
+        for s in strategies:
+            row = [s]
+            for t in tasks:
+                text = _fmt(scores[s, t])
+                if scores[s, t] and best[t] is not None and abs(statistics.fmean(scores[s, t]) - best[t]) < 1e-9:
+                    text = f"**{text}**"
+                row.append(text)
+            lines.append(_row(row))
+        lines += ["", "Mean time per run, seconds (the steps' wall times, validation included; "
+                  "zero-shot: its dev and test evaluation):", "", header, sep]
+        for s in strategies:
+            row = [s]
+            for t in tasks:
+                times = [_run_seconds(e) for e in ok if e["model"] == model and e["strategy"] == s and e["task"] == t]
+                row.append(_seconds(statistics.fmean(times)) if times else "–")
+            lines.append(_row(row))
+        lines.append("")
+    known = [t for t in tasks if any(paper_cell(s, t) for s in strategies)]
+    lines += [f"## Paper (Table 1): {' / '.join(PAPER_MODELS)}", ""]
+    if known:
+        lines += ["Test accuracy %, mean of 3 seeds, as transcribed in the project's paper notes "
+                  "(approximate; –: no number). Larger models and the paper's splits: compare the "
+                  "ordering of strategies, not the levels.", "",
+                  _row(["strategy", *[task_label(t) for t in known]]), _row(["---"] * (len(known) + 1))]
+        for s in strategies:
+            row = [s]
+            for t in known:
+                cell = paper_cell(s, t)
+                row.append(" / ".join("–" if v is None else f"{v:.1f}" for v in cell) if cell else "not in paper")
+            lines.append(_row(row))
+    else:
+        lines.append("The paper has none of these tasks.")
+    failed = [e for e in entries if e.get("status") == "failed"]
+    if failed:
+        lines += ["", "## Failed runs", ""]
+        lines += [f"- {e['task']} / {e['model']} / {e['strategy']} / seed {e['seed']}: {e.get('error', '')}"
+                  for e in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _seconds(v: float) -> str:
+    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+
+
+def _run_seconds(e: dict) -> float:
+    if e.get("history"):
+        return e.get("optimize_s") or sum(r.get("wall_s") or 0 for r in e["history"])
+    return e.get("wall_s") or 0.0
+
+
+def load_results(out: str | Path) -> dict:
+    """``<out>/results.json`` of an experiment, refreshed from its cells' run directories."""
+    out = Path(out)
+    doc = read_json(out / "results.json")
+    if doc is None or "cells" not in doc:
+        raise ValueError(f"{out} holds no experiment (no results.json with cells)")
+    fresh = []
+    for e in doc["cells"]:
+        run_dir = out / e["path"] if e.get("path") else Path(e["run_dir"])
+        e = {**e, "run_dir": str(run_dir)}
+        res = read_json(run_dir / RESULTS)
+        fresh.append({**res, **{k: e[k] for k in ("task", "model", "strategy", "seed", "run_dir", "path")},
+                      "status": res.get("status", "ok")} if res is not None else e)
+    doc["cells"] = fresh
+    return doc
+

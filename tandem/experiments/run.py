@@ -1,0 +1,252 @@
+"""One run: a task, a model, a strategy and a seed, into one run directory.
+
+    lm = get_lm("smollm2-135m"); lm.start()
+    summary = run_cell(load_config(task="iris", strategy="p -> w"), lm)
+    summary["test_score"], summary["history"]
+
+``tandem optimize`` runs one of these; ``tandem experiment`` runs a grid of
+them on shared engines. The strategy ``"zero-shot"`` evaluates the task's
+program as it is. The caller owns the LM: ``run_cell`` neither starts nor
+closes it, so one engine serves many runs.
+
+Run directory (besides BetterTogether's plan.json, history.json, steps/, final/):
+
+- ``config.json``: the settings, with the sizes actually used;
+- ``test_records.json``: the returned program on the test split, one record
+  per example (example, prediction, score, failure, error);
+- ``baseline_records.json``: the same for the unoptimized (zero-shot)
+  program, so a report can show which examples the optimization fixed and
+  which it broke;
+- ``results.json``: the summary, written last: a run directory with it is
+  finished, one without it resumes from its last finished step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable
+
+from tandem.evaluate import evaluate
+from tandem.evaluate.evaluate import EvalResult
+from tandem.experiments.config import RunConfig, resolve_task
+from tandem.optimize.base import Progress
+from tandem.tasks.registry import Task
+
+log = logging.getLogger(__name__)
+
+ZERO_SHOT = "zero-shot"
+RESULTS = "results.json"
+TEST_RECORDS = "test_records.json"
+BASELINE_RECORDS = "baseline_records.json"
+
+
+def is_zero_shot(strategy: str) -> bool:
+    return strategy.strip().lower() in (ZERO_SHOT, "zero_shot", "zeroshot")
+
+
+def strategy_slug(strategy: str) -> str:
+    """``"p -> w -> p"`` -> ``"pwp"``; ``"zero-shot"`` stays (the names of run directories)."""
+    if is_zero_shot(strategy):
+        return ZERO_SHOT
+    return strategy.replace(" ", "").replace("->", "")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Write atomically: a killed process leaves the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, default: Any = None) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        return default
+
+
+def load_data(cfg: RunConfig, task: Task | None = None, cache: dict | None = None):
+    """``(task, data)``: the task and what its loader returned for ``cfg`` (reused from ``cache``)."""
+    task = task or resolve_task(cfg)
+    key = ("data", task.name, cfg.data, cfg.split_seed(), cfg.sizes)
+    if cache is not None and key in cache:
+        return task, cache[key]
+    data = task.load(data=cfg.data, seed=cfg.split_seed(), **({"sizes": cfg.sizes} if cfg.sizes else {}))
+    if cache is not None:
+        cache[key] = data
+    return task, data
+
+
+def prompt_sizes(task: Task, cfg: RunConfig, n_train: int) -> tuple[int | None, int | None, str]:
+    """The prompt step's (bootstrap, selection) sizes and a note when they were scaled down.
+
+    Explicit ``prompt_train`` / ``prompt_val`` win. Otherwise the task's (paper's)
+    sizes; when the training split is smaller than they need (``--set sizes=...``
+    for a quick run), they keep their ratio and fill the training split.
+    """
+    if cfg.prompt_train is not None or cfg.prompt_val is not None or not task.prompt_sizes:
+        return cfg.prompt_train, cfg.prompt_val, ""
+    ptrain, pval = task.prompt_sizes
+    if ptrain + pval <= n_train:
+        return ptrain, pval, ""
+    scaled = max(1, round(n_train * ptrain / (ptrain + pval)))
+    note = (f"prompt-step sizes {ptrain}/{pval} scaled to {scaled}/{n_train - scaled} "
+            f"for a training split of {n_train}")
+    return scaled, n_train - scaled, note
+
+
+def records_of(result: EvalResult) -> list[dict]:
+    """Per-example records without traces or usage: what reports compare."""
+    return [{"index": r.index, "example": r.example, "prediction": r.prediction, "score": r.score,
+             "failure": r.failure, "error": r.error} for r in result.records]
+
+
+def compare_records(baseline: list[dict], final: list[dict]) -> dict[str, list[int]]:
+    """Indices of test examples the optimization fixed (score went up) and broke (went down)."""
+    base = {r["index"]: r for r in baseline}
+    fixed, broken = [], []
+    for r in final:
+        b = base.get(r["index"])
+        if b is None or _inputs(b["example"]) != _inputs(r["example"]):
+            continue
+        if r["score"] > b["score"]:
+            fixed.append(r["index"])
+        elif r["score"] < b["score"]:
+            broken.append(r["index"])
+    return {"fixed": fixed, "broken": broken}
+
+
+def _inputs(example: dict) -> Any:
+    return json.dumps(example, sort_keys=True, default=str)
+
+
+def run_cell(
+    cfg: RunConfig,
+    lm,
+    progress: Progress | None = None,
+    *,
+    resume: bool = True,
+    run_dir: str | Path | None = None,
+    shared: dict | None = None,
+    trainer: Callable | None = None,
+    info: Callable[[str], None] | None = None,
+) -> dict:
+    """Run ``cfg`` (optimize, then test) with ``lm`` and return the summary written to results.json.
+
+    ``shared``: a dict the caller keeps across runs, so loaded data and the
+    zero-shot baseline on test are computed once per (task, split, model).
+    ``trainer``: a stand-in for the LoRA trainer (tests). ``info``: called
+    with one-line notes for the user (scaled sizes, reused baselines).
+    """
+    from tandem.optimize import BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan
+
+    say = info or (lambda msg: log.info("%s", msg))
+    run_dir = Path(run_dir) if run_dir is not None else cfg.default_run_dir()
+    task, data = load_data(cfg, cache=shared)
+    splits = {name: data[name] for name in ("train", "dev", "test")}
+    sizes = {name: len(rows) for name, rows in splits.items()}
+    zero_shot = is_zero_shot(cfg.strategy)
+    ptrain, pval, note = prompt_sizes(task, cfg, sizes["train"])
+    if note and not zero_shot:
+        say(note)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "config.json", {**asdict(cfg), "run_dir": str(run_dir), "resolved": {
+        "sizes": sizes, "prompt_sizes": [ptrain, pval], "split_seed": cfg.split_seed(), "note": note}})
+
+    program = task.make_program(data).set_lm(lm)
+    t0 = time.perf_counter()
+
+    def bar(label: str) -> Callable[[int, int], None] | None:
+        return (lambda d, t: progress(label, d, t)) if progress else None
+
+    def baseline() -> tuple[list[dict], float, dict]:
+        """The unoptimized program on test: from this run dir, from ``shared``, or evaluated now."""
+        key = ["baseline", task.name, cfg.data, cfg.split_seed(), sizes, _fingerprint(lm)]
+        saved = read_json(run_dir / BASELINE_RECORDS)
+        if saved is not None and saved.get("key") != json.loads(json.dumps(key, default=str)):
+            saved = None  # from another split or model: evaluate again
+        if saved is None and shared is not None and _k(key) in shared:
+            saved = shared[_k(key)]
+            say("zero-shot test records reused from an earlier run")
+        if saved is None:
+            res = evaluate(program, splits["test"], task.metric, num_threads=cfg.threads,
+                           progress=bar("zero-shot test"))
+            saved = {"key": json.loads(json.dumps(key, default=str)), "score": res.score, "n": res.n,
+                     "failures": res.failures, "usage": res.usage.to_dict(), "wall_s": round(res.wall_s, 2),
+                     "records": records_of(res)}
+        if shared is not None:
+            shared[_k(key)] = saved
+        write_json(run_dir / BASELINE_RECORDS, saved)
+        return saved["records"], saved["score"], saved
+
+    history: list[dict] = []
+    if zero_shot:
+        from tandem.program.persist import save_program
+
+        dev = evaluate(program, splits["dev"], task.metric, num_threads=cfg.threads, progress=bar("zero-shot dev"))
+        base_records, base_score, base = baseline()
+        final_records, test_score = base_records, base_score
+        test_failures, test_usage, test_wall = base["failures"], base["usage"], base["wall_s"]
+        dev_score, best = dev.score, None
+        save_program(program, run_dir / "final", seed=cfg.seed, extra={"strategy": ZERO_SHOT})
+        usage_total = _add(dev.usage.to_dict(), test_usage)
+    else:
+        bt = BetterTogether(
+            task.metric, strategy=cfg.strategy,
+            prompt_optimizer=RandomSearch(task.metric, num_candidates=cfg.num_candidates, max_demos=cfg.max_demos,
+                                          num_threads=cfg.threads),
+            weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads,
+                                               **({"trainer": trainer} if trainer is not None else {})),
+            splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
+        )
+        result = bt.compile(program, trainset=splits["train"], valset=splits["dev"], seed=cfg.seed,
+                            resume=resume, progress=progress)
+        test = evaluate(result.program, splits["test"], task.metric, num_threads=cfg.threads, progress=bar("test"))
+        final_records, test_score = records_of(test), test.score
+        test_failures, test_usage, test_wall = test.failures, test.usage.to_dict(), round(test.wall_s, 2)
+        write_json(run_dir / TEST_RECORDS, final_records)
+        base_records, base_score, _ = baseline()
+        dev_score, best = result.score, result.extra["best_step"]
+        history = [r.to_dict() for r in result.history]
+        usage_total = test_usage
+        for r in history:
+            usage_total = _add(usage_total, r.get("usage") or {})
+    if zero_shot:
+        write_json(run_dir / TEST_RECORDS, final_records)
+    changed = compare_records(base_records, final_records)
+    summary = {
+        "task": task.name, "model": cfg.model, "strategy": ZERO_SHOT if zero_shot else cfg.strategy,
+        "seed": cfg.seed, "split_seed": cfg.split_seed(), "status": "ok",
+        "sizes": sizes, "prompt_sizes": None if zero_shot else [ptrain, pval],
+        "best_step": best, "dev_score": dev_score, "test_score": test_score, "test_n": sizes["test"],
+        "test_failures": test_failures, "zero_shot_test_score": base_score,
+        "fixed": len(changed["fixed"]), "broken": len(changed["broken"]),
+        # wall_s: this process (a resumed run counts only what it redid); optimize_s: the
+        # steps' own wall times (validation included), the same however often the run resumed.
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "optimize_s": round(sum(r.get("wall_s") or 0.0 for r in history), 1), "test_wall_s": test_wall,
+        "test_usage": test_usage, "usage": usage_total, "history": history,
+        "run_dir": str(run_dir), "notes": [note] if note and not zero_shot else [],
+    }
+    write_json(run_dir / RESULTS, summary)
+    return summary
+
+
+def _k(key: list) -> str:
+    return json.dumps(key, sort_keys=True, default=str)
+
+
+def _fingerprint(lm) -> str:
+    try:
+        return lm.fingerprint()
+    except Exception:  # noqa: BLE001 - a key for reuse only
+        return repr(lm)
+
+
+def _add(a: dict, b: dict) -> dict:
+    return {k: a.get(k, 0) + b.get(k, 0) for k in set(a) | set(b)}

@@ -1,0 +1,323 @@
+"""Experiment grids, the Table-1 markdown, reports and the task registry, on the scripted FakeLM."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tandem.experiments.config import load_config
+from tandem.experiments.grid import load_experiment, run_experiment, table_markdown
+from tandem.experiments.report import write_report
+from tandem.experiments.run import run_cell
+from tandem.lm import FakeLM
+from tandem.tasks.errors import DataError
+from tandem.tasks.registry import default_data, get_task
+from tandem.train import TrainResult
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _petal(text: str) -> float:
+    return float(re.findall(r"Petal Length: ([\d.]+)", text)[-1])
+
+
+def _species(pl: float, cut: float) -> str:
+    return "setosa" if pl < 2.5 else ("versicolor" if pl < cut else "virginica")
+
+
+def base_reply(text: str) -> str:
+    """Zero-shot: always 'setosa'. With demos in the prompt: a petal-length rule."""
+    pl = _petal(text)
+    guess = _species(pl, 4.85) if text.count("Petal Length:") > 1 else "setosa"
+    return f" petal length {pl}\nSpecies: {guess}"
+
+
+def tuned_reply(text: str) -> str:
+    """After a (fake) weight step: a slightly different rule, so some examples break."""
+    return f" tuned\nSpecies: {_species(_petal(text), 5.15)}"
+
+
+class _AnyAdapter(dict):
+    def get(self, key, default=None):
+        return tuned_reply
+
+
+def make_lm(tmp_path: Path) -> FakeLM:
+    lm = FakeLM(base_reply)
+    lm.model_dir = tmp_path  # allows weight steps
+    lm.adapter_replies = _AnyAdapter()
+    return lm
+
+
+def fake_trainer(calls: list):
+    def train(model_dir, examples, cfg, out_dir, progress=None, overwrite=False):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text("{}")
+        calls.append(len(examples))
+        return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False, "eager")
+    return train
+
+
+def write_experiment(tmp_path: Path, strategies=("zero-shot", "p", "w -> p"), seeds=(0, 1)) -> Path:
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(
+        "# tandem experiment exp.toml\n"
+        f"tasks = [\"iris\"]\nmodels = [\"fake-model\"]\nstrategies = {json.dumps(list(strategies))}\n"
+        f"seeds = {list(seeds)}\nout = \"{tmp_path / 'out'}\"\nthreads = 8\nnum_candidates = 3\n"
+        "[per_task.iris]\nsizes = [30, 15, 15]\n"
+    )
+    return cfg
+
+
+# -- one run -------------------------------------------------------------------------------------
+def test_run_cell_writes_results_and_per_example_records(tmp_path):
+    lm = make_lm(tmp_path)
+    calls: list = []
+    cfg = load_config(None, ["sizes=30,15,15", "threads=8", "num_candidates=3"], task="iris", strategy="p -> w")
+    res = run_cell(cfg, lm, run_dir=tmp_path / "run", trainer=fake_trainer(calls))
+    run = tmp_path / "run"
+    assert res["status"] == "ok" and [h["kind"] for h in res["history"]] == ["p", "w"]
+    assert res["sizes"] == {"train": 30, "dev": 15, "test": 15}
+    # the paper's 15/35 prompt sizes do not fit 30 training examples: scaled, with a note
+    assert res["prompt_sizes"] == [9, 21] and "scaled" in res["notes"][0]
+    assert json.loads((run / "results.json").read_text())["test_score"] == res["test_score"]
+    final = json.loads((run / "test_records.json").read_text())
+    base = json.loads((run / "baseline_records.json").read_text())
+    assert len(final) == len(base["records"]) == 15
+    assert {"example", "prediction", "score", "failure"} <= set(final[0])
+    fixed = sum(f["score"] > b["score"] for f, b in zip(final, base["records"]))
+    broken = sum(f["score"] < b["score"] for f, b in zip(final, base["records"]))
+    assert (res["fixed"], res["broken"]) == (fixed, broken) and fixed > 0
+    assert res["zero_shot_test_score"] == base["score"]
+    assert calls, "the weight step trained"
+    assert (run / "final" / "program.json").exists()
+
+
+def test_zero_shot_run_is_the_program_as_it_is(tmp_path):
+    lm = make_lm(tmp_path)
+    cfg = load_config(None, ["sizes=30,15,15"], task="iris", strategy="zero-shot")
+    res = run_cell(cfg, lm, run_dir=tmp_path / "zs")
+    assert res["history"] == [] and res["best_step"] is None and res["fixed"] == res["broken"] == 0
+    assert res["test_score"] == res["zero_shot_test_score"]
+    assert not any(p.count("Petal Length:") > 1 for p in lm.prompts)  # no demos anywhere
+
+
+# -- the grid ------------------------------------------------------------------------------------
+def test_grid_shares_the_lm_skips_finished_runs_and_resumes_a_killed_one(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path))
+    made, calls = [], []
+
+    def factory(model, **opts):
+        made.append(model)
+        return make_lm(tmp_path)
+
+    doc = run_experiment(exp, lm_factory=factory, trainer=fake_trainer(calls))
+    assert made == ["fake-model"]  # one LM for all six runs
+    assert [c["status"] for c in doc["cells"]] == ["ok"] * 6
+    assert [(c["strategy"], c["seed"]) for c in doc["cells"]] == [
+        ("zero-shot", 0), ("p", 0), ("w -> p", 0), ("zero-shot", 1), ("p", 1), ("w -> p", 1)]
+    out = tmp_path / "out"
+    assert (out / "results.json").exists() and (out / "table.md").exists()
+    cell = out / "iris" / "fake-model" / "wp-s1"
+    assert (cell / "steps" / "00-w" / "record.json").exists()
+    before = json.loads((cell / "results.json").read_text())
+    n_trained = len(calls)
+
+    # Again: everything is finished, so no LM is even built.
+    run_experiment(exp, lm_factory=factory, trainer=fake_trainer(calls))
+    assert made == ["fake-model"]
+
+    # A run killed during its second step: only that step runs again.
+    for name in ("results.json", "test_records.json"):
+        (cell / name).unlink()
+    shutil.rmtree(cell / "steps" / "01-p")
+    shutil.rmtree(cell / "final")
+    doc = run_experiment(exp, lm_factory=factory, trainer=fake_trainer(calls))
+    assert made == ["fake-model", "fake-model"]
+    assert len(calls) == n_trained  # the finished weight step was not redone
+    after = json.loads((cell / "results.json").read_text())
+    assert after["test_score"] == before["test_score"]
+    assert [h["val_score"] for h in after["history"]] == [h["val_score"] for h in before["history"]]
+    assert all(c["status"] == "ok" for c in doc["cells"])
+
+
+def test_a_failing_run_is_recorded_and_the_grid_goes_on(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, strategies=("w", "p"), seeds=(0,)))
+
+    def boom(*a, **k):
+        raise RuntimeError("trainer exploded")
+
+    doc = run_experiment(exp, lm_factory=lambda m, **o: make_lm(tmp_path), trainer=boom)
+    status = {c["strategy"]: c["status"] for c in doc["cells"]}
+    assert status == {"w": "failed", "p": "ok"}
+    assert "trainer exploded" in doc["cells"][0]["error"]
+    assert "Failed runs" in (tmp_path / "out" / "table.md").read_text()
+
+
+def test_overrides_win_over_the_file(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path), ["seeds=3", "sizes=20,10,10", "lora.epochs=1",
+                                                       "strategies=p,w -> p"])
+    cells = exp.cells()
+    assert [(c.strategy, c.seed) for c in cells] == [("p", 3), ("w -> p", 3)]
+    assert cells[0].cfg.sizes == (20, 10, 10) and cells[0].cfg.lora == {"epochs": 1}
+    with pytest.raises(ValueError, match="unknown setting"):
+        load_experiment(write_experiment(tmp_path), ["nonsense=1"])
+    with pytest.raises(ValueError, match="unknown step"):
+        load_experiment(write_experiment(tmp_path), ["strategies=p -> x"])
+
+
+# -- the table -----------------------------------------------------------------------------------
+def test_table_has_strategies_by_tasks_with_mean_std_and_the_paper():
+    def cell(task, strategy, seed, score, status="ok"):
+        return {"task": task, "model": "m", "strategy": strategy, "seed": seed, "status": status,
+                "test_score": score, "sizes": {"train": 1, "dev": 1, "test": 1}, "history": [],
+                "wall_s": 10.0}
+
+    doc = {"experiment": {"tasks": ["iris", "gsm8k"], "models": ["m"], "seeds": [0, 1],
+                          "strategies": ["zero-shot", "p -> w"], "out": "x"},
+           "cells": [cell("iris", "zero-shot", 0, 50.0), cell("iris", "zero-shot", 1, 60.0),
+                     cell("iris", "p -> w", 0, 80.0), cell("iris", "p -> w", 1, None, "pending"),
+                     cell("gsm8k", "zero-shot", 0, 10.0)]}
+    md = table_markdown(doc)
+    ours = md.split("## Ours: m")[1].split("\n\n")[2].splitlines()
+    assert ours[0] == "| strategy | Iris | GSM8K |"
+    assert ours[2] == "| zero-shot | 55.0 ± 7.1 (n=2) | **10.0 (n=1)** |"
+    assert ours[3] == "| p -> w | **80.0 (n=1)** | – |"
+    paper = md.split("## Paper (Table 1)")[1]
+    assert "| zero-shot | 26.0 / 0.0 / 48.0 | 40.3 / 24.0 / 72.7 |" in paper
+    assert "mistral-7b / llama-2-7b / llama-3-8b" in md
+    assert "1 pending" in md
+
+
+# -- the report ----------------------------------------------------------------------------------
+def test_report_of_an_experiment_and_of_one_run(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, strategies=("zero-shot", "p", "p -> w"), seeds=(0, 1)))
+    run_experiment(exp, lm_factory=lambda m, **o: make_lm(tmp_path), trainer=fake_trainer([]))
+    path, md = write_report(tmp_path / "out")
+    text = path.read_text()
+    assert path == tmp_path / "out" / "report.html"
+    for section in ("Results table", "Paper (Table 1)", "Scores after each step", "Time and tokens per step",
+                    "Instructions and demos", "Fixed and broken test examples", "fixed"):
+        assert section in text, section
+    assert text.count("src='data:image/png;base64,") >= 2
+    assert not re.search(r"(src|href)=['\"]https?:", text)  # self-contained
+    assert "| strategy | Iris |" in md and "fixed" in md
+
+    single, md1 = write_report(tmp_path / "out" / "iris" / "fake-model" / "pw-s0", out=tmp_path / "one.html")
+    html = single.read_text()
+    for section in ("Scores after each step", "Time and tokens per step", "Returned program", "demo 1",
+                    "Test examples fixed and broken", "zero-shot prediction"):
+        assert section in html, section
+    assert html.count("data:image/png;base64,") == 2
+    assert "| 1 | p | ok |" in md1 and "fixed" in md1
+
+
+def test_cli_experiment_and_report(tmp_path, monkeypatch, capsys):
+    from tandem.cli import main
+    from tandem.lm.registry import register_backend
+
+    register_backend("fakebackend", lambda model, **kw: make_lm(tmp_path))
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text(f"tasks = [\"iris\"]\nmodels = [\"fakebackend:m\"]\nstrategies = [\"zero-shot\", \"p\"]\n"
+                   f"seeds = [0]\nout = \"{tmp_path / 'out'}\"\nsizes = [30, 15, 15]\nnum_candidates = 2\n")
+    assert main(["experiment", str(cfg), "--dry-run"]) == 0
+    assert main(["experiment", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "| zero-shot |" in out and "| p |" in out
+    assert (tmp_path / "out" / "iris" / "fakebackend_m" / "p-s0" / "results.json").exists()
+    assert main(["report", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").exists()
+    run_dir = tmp_path / "single"
+    assert main(["optimize", "iris", "--model", "fakebackend:m", "--strategy", "p", "--run-dir", str(run_dir),
+                 "--set", "sizes=30,15,15", "--set", "num_candidates=2"]) == 0
+    res = json.loads((run_dir / "results.json").read_text())
+    assert res["strategy"] == "p" and "model_load_s" in res and (run_dir / "baseline_records.json").exists()
+
+
+# -- the registry --------------------------------------------------------------------------------
+needs_gsm8k = pytest.mark.skipif(not (DATA / "gsm8k" / "train.jsonl").is_file(), reason="shared GSM8K data missing")
+needs_hotpot = pytest.mark.skipif(not (DATA / "hotpotqa" / "train.jsonl").is_file(),
+                                  reason="shared HotPotQA data missing")
+
+
+@needs_gsm8k
+def test_registry_loads_gsm8k_from_the_shared_data():
+    task = get_task("gsm8k")
+    data = task.load(data=None, seed=0)  # found at ../shared/data/gsm8k
+    assert [len(data[s]) for s in ("train", "dev", "test")] == [1000, 500, 1319] == list(task.sizes)
+    assert task.prompt_sizes == (100, 250)
+    small = task.load(data=str(DATA / "gsm8k"), seed=0, sizes=(20, 10, 5))
+    assert [len(small[s]) for s in ("train", "dev", "test")] == [20, 10, 5]
+    program = task.make_program(data)
+    assert [n for n, _ in program.named_predictors()] == ["solve"]
+    assert task.metric(data["test"][0], {"answer": data["test"][0]["answer"]}) == 1.0
+
+
+@needs_hotpot
+def test_registry_loads_hotpotqa_and_builds_its_program_from_the_data():
+    task = get_task("hotpotqa")
+    data = task.load(seed=0)
+    assert [len(data[s]) for s in ("train", "dev", "test")] == [400, 200, 300]
+    assert task.program_takes_data and task.prompt_sizes == (100, 250)
+    program = task.make_program(data)
+    assert [n for n, _ in program.named_predictors()] == ["generate_query[0]", "generate_query[1]",
+                                                         "generate_answer"]
+    assert program.retriever is data.retriever()
+    with pytest.raises(ValueError, match="loaded data"):
+        task.make_program()
+
+
+def test_missing_data_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match="--data PATH"):
+        default_data("no-such-task")
+    assert default_data("gsm8k", "given/path") == "given/path"
+
+
+def _hotpot_reply(text: str) -> str:
+    question = re.findall(r"Question: (.*)", text)[-1]
+    if "Search Query: " in text.split("<|user|>")[0]:
+        return f" look it up\nSearch Query: {question}"
+    return " from the context\nAnswer: yes"
+
+
+@needs_hotpot
+def test_hotpotqa_runs_through_run_cell_and_resumes_with_its_retriever(tmp_path):
+    lm = FakeLM(_hotpot_reply)
+    lm.model_dir = tmp_path
+    cfg = load_config(None, ["sizes=30,10,10", "threads=8", "num_candidates=2"], task="hotpotqa",
+                      strategy="p -> w", data=str(DATA / "hotpotqa"))
+    calls: list = []
+    res = run_cell(cfg, lm, run_dir=tmp_path / "run", trainer=fake_trainer(calls))
+    assert [h["kind"] for h in res["history"]] == ["p", "w"] and res["test_n"] == 10
+    assert res["prompt_sizes"] == [9, 21]  # the paper's 100/250, scaled to 30
+    rec = json.loads((tmp_path / "run" / "test_records.json").read_text())[0]
+    assert rec["prediction"]["retrieved_titles"] and "gold_titles" in rec["example"]
+    (tmp_path / "run" / "results.json").unlink()
+    again = run_cell(cfg, lm, run_dir=tmp_path / "run", trainer=fake_trainer(calls))  # resumes: no step reruns
+    assert again["test_score"] == res["test_score"] and len(calls) <= 1
+
+
+def test_a_stale_baseline_in_the_run_dir_is_not_reused(tmp_path):
+    lm = make_lm(tmp_path)
+    run = tmp_path / "run"
+    run_cell(load_config(None, ["sizes=30,15,15"], task="iris", strategy="p"), lm, run_dir=run)
+    assert json.loads((run / "baseline_records.json").read_text())["n"] == 15
+    res = run_cell(load_config(None, ["sizes=30,15,10"], task="iris", strategy="p"), lm, run_dir=run, resume=False)
+    assert json.loads((run / "baseline_records.json").read_text())["n"] == 10 == res["test_n"]
+
+
+def test_finished_runs_with_other_settings_are_flagged(tmp_path):
+    cfg = write_experiment(tmp_path, strategies=("zero-shot",), seeds=(0,))
+    run_experiment(load_experiment(cfg), lm_factory=lambda m, **o: make_lm(tmp_path))
+    assert not load_experiment(cfg).cells()[0].stale()
+    notes: list = []
+    run_experiment(load_experiment(cfg, ["sizes=20,10,10"]), lm_factory=lambda m, **o: make_lm(tmp_path),
+                   info=notes.append)
+    assert load_experiment(cfg, ["sizes=20,10,10"]).cells()[0].stale()
+    assert any("other settings" in n for n in notes)
