@@ -25,7 +25,7 @@ class FakeLM(LM):
         adapter: str | None = None,
     ) -> None:
         super().__init__(name, cache=False)
-        self._reply = reply if callable(reply) else (lambda _t, r=reply: r)
+        self._reply = reply if callable(reply) else (lambda _t, *, r=reply: r)
         self.chat = chat
         self.adapter = adapter
         self._base_reply = self._reply
