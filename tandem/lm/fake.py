@@ -62,7 +62,9 @@ class FakeLM(LM):
         import inspect
 
         try:
-            return len(inspect.signature(self._reply).parameters) >= 2
+            params = inspect.signature(self._reply).parameters.values()
+            positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+            return len(positional) >= 2
         except (TypeError, ValueError):
             return False
 
