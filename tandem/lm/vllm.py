@@ -249,7 +249,7 @@ class VLLM(LM):
     def with_adapter(self, adapter: str | Path | None) -> "VLLM":
         new = object.__new__(VLLM)
         new.__dict__.update(self.__dict__)
-        LM.__init__(new, f"vllm:{self.model}" + (f"+{Path(adapter).name}" if adapter else ""), cache=self.cache or False)
+        LM.__init__(new, f"vllm:{self.model}" + (f"+{Path(adapter).name}" if adapter else ""), cache=self.cache if self.cache is not None else False)
         new.adapter = Path(adapter) if adapter else None
         new._lora_request = None
         new._fingerprint = None
