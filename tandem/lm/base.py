@@ -186,11 +186,18 @@ class LM(ABC):
         return fut
 
     def _finish(self, fut: Future, key: str | None, result: Completion | BaseException) -> None:
+        """Hand a result to its caller. Never raises: it runs in engine threads and
+        future callbacks, where an exception would leave the caller waiting forever."""
+        if fut.done():
+            return
         if isinstance(result, BaseException):
             fut.set_exception(result)
             return
         if key is not None and self.cache is not None:
-            self.cache.put(key, result)
+            try:
+                self.cache.put(key, result)
+            except Exception as exc:  # noqa: BLE001 - a cache problem must not lose the result
+                log.warning("%s: could not write the call cache (%s); continuing without it", self.name, exc)
         fut.set_result(self._record(result))
 
     def _enqueue(self, request: Request, fut: Future, key: str | None) -> None:

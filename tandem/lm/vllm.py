@@ -96,6 +96,25 @@ class _Engine:
         self._pending[rid] = (fut, len(token_ids))
 
     def _loop(self) -> None:
+        try:
+            self._serve()
+        except BaseException as exc:  # noqa: BLE001 - a dead loop must not leave callers waiting
+            log.exception("vLLM loop thread crashed")
+            self._closed = True
+            err = LMError(f"vLLM engine loop for {self.model_dir} crashed: {exc}")
+            for fut, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(err)
+            self._pending.clear()
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None and not item[3].done():
+                    item[3].set_exception(err)
+
+    def _serve(self) -> None:
         while not self._closed:
             if not self._pending:
                 item = self._queue.get()
@@ -123,7 +142,7 @@ class _Engine:
                 self._closed = True
                 break
             for out in outputs:
-                if not out.finished:
+                if not out.finished or out.request_id not in self._pending:
                     continue
                 fut, n_prompt = self._pending.pop(out.request_id)
                 o = out.outputs[0]
@@ -298,9 +317,15 @@ class VLLM(LM):
             seed=p.seed, skip_special_tokens=True,
         )
         inner = self.engine().submit(ids, params, self._lora())
-        inner.add_done_callback(
-            lambda f: self._finish(fut, key, f.exception() or f.result())
-        )
+
+        def done(f: Future) -> None:
+            try:
+                self._finish(fut, key, f.exception() or f.result())
+            except BaseException as exc:  # noqa: BLE001 - never leave the caller waiting
+                if not fut.done():
+                    fut.set_exception(exc)
+
+        inner.add_done_callback(done)
 
     def _generate(self, requests: list[Request]) -> list[Completion]:
         futs = []
