@@ -159,3 +159,29 @@ def test_settings_default_lm_and_clear_error_without_one():
 def test_missing_input_is_an_error():
     with pytest.raises(ValueError, match="missing input"):
         Predict("question -> answer", lm=FakeLM("Answer: x"))(wrong="?")
+
+
+def test_choice_fields_are_listed_and_matched():
+    sig = ChainOfThought("x -> label").signature.with_field("label", choices=("cat", "dog"))
+    from tandem.program.render import system_message
+
+    assert "one of" not in system_message(sig)  # small models copy the format line verbatim
+    assert parse_output(sig, "Reasoning: r\nLabel: Dog.")["label"] == "dog"
+    assert parse_output(sig, "Reasoning: r\nLabel: I think it is a cat")["label"] == "cat"
+    assert parse_output(sig, "Reasoning: r\nLabel: ...\nLabel: cat")["label"] == "cat"
+    with pytest.raises(ParseError, match="not one of"):
+        parse_output(sig, "Reasoning: r\nLabel: a bird")
+    assert Signature.from_dict(sig.to_dict()) == sig
+
+
+def test_invalid_choice_is_asked_for_again():
+    lm = FakeLM(lambda t: " cat" if t.endswith("Label:") else " hmm\nLabel: ...")
+    cot = ChainOfThought("x -> label", lm=lm)
+    cot.signature = cot.signature.with_field("label", choices=("cat", "dog"))
+    assert cot(x="1").label == "cat"
+
+
+def test_a_reply_naming_several_choices_is_no_answer():
+    sig = Predict("x -> label").signature.with_field("label", choices=("cat", "dog"))
+    with pytest.raises(ParseError):
+        parse_output(sig, "Label: one of: cat, dog")

@@ -49,9 +49,27 @@ def system_message(sig: Signature) -> str:
         parts.append(sig.instructions.strip())
     ins = ", ".join(f.label for f in sig.input_fields)
     parts.append(f"You are given: {ins}.")
-    fmt = "\n".join(f"{f.label}: {f.desc or '...'}" for f in sig.output_fields)
+    fmt = "\n".join(f"{f.label}: {_describe(f)}" for f in sig.output_fields)
     parts.append("Reply in exactly this format:\n" + fmt)
     return "\n\n".join(parts)
+
+
+def _describe(f: Field) -> str:
+    # Choices are not spelled out here: small models copy this line verbatim
+    # ("Species: one of: a, b, c"), which names no answer. Say them in the
+    # instructions or the field's description instead.
+    return f.desc or "..."
+
+
+def match_choice(f: Field, value: str) -> str | None:
+    """The choice that ``value`` names: exact (case-insensitive), else the only one it mentions."""
+    low = value.lower().strip(" .\"'")
+    for c in f.choices:
+        if low == c.lower():
+            return c
+    hits = [c for c in f.choices if re.search(r"\b" + re.escape(c.lower()) + r"\b", low)]
+    # Naming several choices ("one of: a, b, c") is no answer.
+    return hits[0] if len(hits) == 1 else None
 
 
 def build_prompt(sig: Signature, demos: list[dict], inputs: dict) -> Prompt:
@@ -103,6 +121,16 @@ def parse_output(sig: Signature, text: str) -> dict:
         # The first non-empty occurrence wins: repeats are the model rambling on,
         # an empty one was followed by a retry of the same label.
         result[f.name] = next((v for v in values[i] if v), "")
+        if f.choices:  # a later occurrence may be the valid one (the label was asked for again)
+            result[f.name] = next((v for v in values[i] if match_choice(f, v)), result[f.name])
         if not f.multiline and not result[f.name]:
             raise ParseError(f"{sig.name}: field {f.name} is empty", text, [f.name])
+        if f.choices:
+            choice = match_choice(f, result[f.name])
+            if choice is None:
+                raise ParseError(
+                    f"{sig.name}: field {f.name} is {result[f.name][:40]!r}, not one of {list(f.choices)}",
+                    text, [f.name],
+                )
+            result[f.name] = choice
     return result

@@ -32,6 +32,9 @@ class Field:
     # label (reasoning); the others keep only their first line, because small
     # models often keep talking after the answer.
     multiline: bool = False
+    # A closed set of answers (a classifier's labels): the prompt lists them and
+    # the parser maps the reply to one of them, or fails (a counted failure).
+    choices: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -42,8 +45,8 @@ def InputField(desc: str = "") -> Any:  # noqa: N802 - mirrors DSPy's vocabulary
     return Field(name="", desc=desc, is_input=True)
 
 
-def OutputField(desc: str = "", multiline: bool = False) -> Any:  # noqa: N802
-    return Field(name="", desc=desc, is_input=False, multiline=multiline)
+def OutputField(desc: str = "", multiline: bool = False, choices: tuple[str, ...] = ()) -> Any:  # noqa: N802
+    return Field(name="", desc=desc, is_input=False, multiline=multiline, choices=tuple(choices))
 
 
 class _SignatureMeta(type):
@@ -108,6 +111,12 @@ class Signature(metaclass=_SignatureMeta):
     def output_fields(self) -> tuple[Field, ...]:
         return tuple(f for f in self.fields if not f.is_input)
 
+    def with_field(self, name: str, **changes: Any) -> "Signature":
+        """A copy with field ``name`` changed, e.g. ``with_field("species", choices=(...))``."""
+        if name not in {f.name for f in self.fields}:
+            raise KeyError(f"{self.name} has no field {name!r}")
+        return replace(self, fields=tuple(replace(f, **changes) if f.name == name else f for f in self.fields))
+
     def with_instructions(self, instructions: str) -> "Signature":
         return replace(self, instructions=instructions)
 
@@ -120,7 +129,8 @@ class Signature(metaclass=_SignatureMeta):
             "name": self.name,
             "instructions": self.instructions,
             "fields": [
-                {"name": f.name, "desc": f.desc, "input": f.is_input, "multiline": f.multiline}
+                {"name": f.name, "desc": f.desc, "input": f.is_input, "multiline": f.multiline,
+                 **({"choices": list(f.choices)} if f.choices else {})}
                 for f in self.fields
             ],
         }
@@ -128,7 +138,7 @@ class Signature(metaclass=_SignatureMeta):
     @classmethod
     def from_dict(cls, d: dict) -> "Signature":
         fields = tuple(
-            Field(x["name"], x.get("desc", ""), x["input"], x.get("multiline", False))
+            Field(x["name"], x.get("desc", ""), x["input"], x.get("multiline", False), tuple(x.get("choices", ())))
             for x in d["fields"]
         )
         return cls(fields, d.get("instructions", ""), name=d.get("name", "Signature"))

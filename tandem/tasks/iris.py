@@ -112,6 +112,7 @@ class IrisClassifier(Module):
             "sepal_length, sepal_width, petal_length, petal_width -> species",
             instructions=INSTRUCTIONS, max_tokens=128,
         )
+        self.classify.signature = self.classify.signature.with_field("species", choices=SPECIES)
 
     def forward(self, **measurements: str) -> Prediction:
         return self.classify(**measurements)
