@@ -126,13 +126,17 @@ class BootstrapFinetune:
                 rec.wall_s = time.perf_counter() - start
                 return CompileResult(program.deepcopy(), [rec])
             tuned = base.with_adapter(result.adapter_dir)
+            t_serve = time.perf_counter()
+            tuned.start()  # merge + engine start (merge mode) or adapter load, timed apart from inference
+            serve_s = time.perf_counter() - t_serve
             targets = names if not self.multitask else [
                 n for n, p in preds.items() if _base_lm(p.get_lm()).fingerprint() == base.fingerprint()
             ]
             for n in targets:
                 preds[n].lm = tuned
             rec.trainable_params += result.trainable_params
-            trained[str(result.adapter_dir)] = {**result.to_dict(), "modules": names, "losses": result.losses[-5:]}
+            trained[str(result.adapter_dir)] = {**result.to_dict(), "modules": names, "losses": result.losses[-5:],
+                                                "serve_setup_s": round(serve_s, 2)}
 
         # Which prompts go with the new weights: zero-shot (what it was trained
         # on) or the incoming ones; the step's validation set decides.
