@@ -1,0 +1,116 @@
+"""Where the time of a full Iris ``p -> w -> p`` run goes.
+
+    .venv/bin/python benchmarks/optimize_iris.py            # runs it (call cache off), then summarizes
+    .venv/bin/python benchmarks/optimize_iris.py --summarize runs/bench-iris-pwp
+
+Runs ``tandem optimize iris --strategy "p -> w -> p"`` with the call cache
+switched off (so every LM call is computed), then splits the wall time into
+model loading, LoRA training, setting up the tuned model for serving (merge +
+engine start), and inference (bootstrapping, candidate evaluation,
+validation, test). Prints a table and writes benchmarks/results/optimize_iris.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(run_dir: Path, seed: int) -> float:
+    env = {**os.environ, "TANDEM_CACHE": "0"}
+    cmd = [str(ROOT / ".venv" / "bin" / "tandem"), "optimize", "iris", "--strategy", "p -> w -> p",
+           "--seed", str(seed), "--run-dir", str(run_dir)]
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.perf_counter() - t0
+
+
+def summarize(run_dir: Path, process_s: float | None) -> dict:
+    res = json.loads((run_dir / "results.json").read_text())
+    steps = []
+    train_s = serve_s = 0.0
+    for r in res["history"]:
+        adapters = r.get("extra", {}).get("adapters", {}) or {}
+        t = sum(a.get("wall_s", 0.0) for a in adapters.values())
+        s = sum(a.get("serve_setup_s", 0.0) for a in adapters.values())
+        train_s += t
+        serve_s += s
+        u = r.get("usage", {})
+        steps.append({
+            "step": f"{r['index'] + 1} {r['kind']}", "wall_s": round(r["wall_s"], 1), "train_s": round(t, 1),
+            "serve_setup_s": round(s, 1), "inference_s": round(r["wall_s"] - t - s, 1),
+            "calls": u.get("calls", 0), "prompt_tokens": u.get("prompt_tokens", 0),
+            "output_tokens": u.get("output_tokens", 0), "val": r.get("val_score"),
+        })
+    total = process_s or res.get("wall_s")
+    load_s = res.get("model_load_s") or 0.0
+    optimize_s = sum(s["wall_s"] for s in steps)
+    test_s = res.get("test_wall_s", 0.0)
+    out = {
+        "run_dir": str(run_dir), "total_s": round(total, 1) if total else None,
+        "model_load_s": load_s, "optimize_s": round(optimize_s, 1), "train_s": round(train_s, 1),
+        "serve_setup_s": round(serve_s, 1), "inference_s": round(optimize_s - train_s - serve_s + test_s, 1),
+        "test_s": test_s, "dev_score": res.get("dev_score"), "test_score": res.get("test_score"),
+        "steps": steps,
+        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    if total:
+        out["other_s"] = round(total - optimize_s - test_s - (load_s or 0), 1)
+    return out
+
+
+def _cpu() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def table(s: dict) -> str:
+    rows = ["| step | wall s | inference s | training s | merge+engine s | LM calls | prompt tok | output tok | dev % |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for st in s["steps"]:
+        rows.append(f"| {st['step']} | {st['wall_s']} | {st['inference_s']} | {st['train_s']} | {st['serve_setup_s']} "
+                    f"| {st['calls']} | {st['prompt_tokens']} | {st['output_tokens']} | {st['val']} |")
+    rows.append("")
+    rows.append(f"total {s['total_s']} s = model load {s['model_load_s']} s + steps {s['optimize_s']} s "
+                f"+ test {s['test_s']} s + other {s.get('other_s')} s; "
+                f"of the steps: training {s['train_s']} s, merge+engine start {s['serve_setup_s']} s, "
+                f"inference {s['inference_s']} s (incl. test). dev {s['dev_score']}, test {s['test_score']}")
+    return "\n".join(rows)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--summarize", type=Path, default=None, help="summarize an existing run dir instead of running")
+    p.add_argument("--run-dir", type=Path, default=Path("runs/bench-iris-pwp"))
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    process_s = None
+    run_dir = args.summarize or args.run_dir
+    if args.summarize is None:
+        if run_dir.exists():
+            sys.exit(f"{run_dir} exists; remove it or pass --summarize {run_dir}")
+        process_s = run(run_dir, args.seed)
+    s = summarize(run_dir, process_s)
+    print(table(s))
+    out = ROOT / "benchmarks" / "results" / "optimize_iris.json"
+    out.write_text(json.dumps(s, indent=1))
+    print(f"\nwritten {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
