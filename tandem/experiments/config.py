@@ -78,18 +78,23 @@ def _coerce(name: str, raw: str) -> Any:
     return raw
 
 
+def read_toml(path: Path, what: str) -> dict[str, Any]:
+    """A TOML file as a dict, or a ValueError that names the file and the problem."""
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{what} {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"{path}: not valid TOML: {exc}") from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> RunConfig:
     """Defaults, then the TOML file, then ``key=value`` overrides, then keyword arguments."""
     values: dict[str, Any] = {}
     base = Path(".")
     if path is not None:
         path = Path(path)
-        try:
-            values = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"config file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        values = read_toml(path, "config file")
         base = path.parent
     known = {f.name for f in fields(RunConfig)}
     for item in overrides or []:

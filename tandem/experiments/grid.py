@@ -33,13 +33,12 @@ import logging
 import re
 import statistics
 import time
-import tomllib
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from tandem.experiments.config import RunConfig, _coerce, _number
+from tandem.experiments.config import RunConfig, _coerce, _number, read_toml
 from tandem.experiments.paper import PAPER_MODELS, normalize_strategy, paper_cell, task_label
 from tandem.experiments.run import (
     RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
@@ -158,12 +157,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     base = Path(".")
     if path is not None:
         path = Path(path)
-        try:
-            doc = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ValueError(f"experiment file {path} does not exist") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: not valid TOML: {exc}") from None
+        doc = read_toml(path, "experiment file")
         base = path.parent
     doc.update(values)
     per_task = {k: dict(v) for k, v in (doc.pop("per_task", None) or {}).items()}
