@@ -170,13 +170,23 @@ _engines_lock = threading.Lock()
 _prepare_lock = threading.Lock()
 
 
+#: Engines kept alive at once. Each weight step on CPU adds a merged-weights
+#: engine (~3.5 GB with a 2 GiB KV cache); older ones are closed first, and an
+#: LM whose engine was closed starts it again on its next call.
+MAX_ENGINES = int(os.environ.get("TANDEM_MAX_ENGINES", "2"))
+
+
 def _get_engine(model_dir: Path, options: dict) -> _Engine:
     key = (str(model_dir), tuple(sorted(options.items())))
     with _engines_lock:
-        eng = _engines.get(key)
+        eng = _engines.pop(key, None)
         if eng is None or eng._closed:
+            while len(_engines) >= max(1, MAX_ENGINES):
+                old_key = next(iter(_engines))  # least recently used
+                log.info("closing the vLLM engine for %s to make room", old_key[0])
+                _engines.pop(old_key).close()
             eng = _Engine(model_dir, options)
-            _engines[key] = eng
+        _engines[key] = eng  # re-inserted: most recently used last
         return eng
 
 
