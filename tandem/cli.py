@@ -4,6 +4,7 @@
     tandem optimize iris --strategy "p -> w -> p"
     tandem experiment examples/iris_table.toml
     tandem report runs/exp-iris
+    tandem serve runs/iris-pwp-s0 --port 8000
 
 Library code logs; progress bars, tables and colour live here.
 """
@@ -214,6 +215,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tandem.serve import parse_model_options, serve
+
+    try:
+        serve(args.path, host=args.host, port=args.port, model_options=parse_model_options(args.model_options),
+              max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch,
+              max_concurrency=args.concurrency, timeout_s=args.timeout,
+              log_level="debug" if args.verbose else "info",
+              info=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
+    except OSError as exc:  # the port is taken, the host does not resolve
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress of the library and engines")
@@ -259,11 +275,38 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
     r.add_argument("--examples", type=int, default=8, help="fixed / broken examples shown per run")
     r.set_defaults(func=cmd_report)
+
+    v = sub.add_parser("serve", help="serve a saved program as an HTTP JSON API (docs/serving.md)")
+    v.add_argument("path", metavar="RUN_DIR", help="a run directory (its final/ is served) or a saved program directory")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--model-options", action="append", default=[], metavar="KEY=VALUE",
+                   help="backend option, repeatable: --model-options tensor_parallel_size=2 "
+                        "--model-options base_url=http://host:8000/v1 (values parse as JSON, else text)")
+    v.add_argument("--max-body-bytes", type=int, default=1_000_000, help="larger request bodies get a 413")
+    v.add_argument("--max-batch", type=int, default=64, help="most items in one /v1/predict_batch request")
+    v.add_argument("--concurrency", type=int, default=64, help="program calls running at once")
+    v.add_argument("--timeout", type=float, default=600.0, help="seconds before a request gets a 504 (0: no limit)")
+    v.set_defaults(func=cmd_serve)
     return p
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so engines shut down instead of leaving orphan processes."""
+    import signal
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (tests)
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _exit_on_sigterm()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         _quiet_engines()

@@ -22,6 +22,7 @@ are only defaults, an environment that sets them wins.
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import os
@@ -190,6 +191,7 @@ def _get_engine(model_dir: Path, options: dict) -> _Engine:
         return eng
 
 
+@atexit.register
 def shutdown_engines() -> None:
     """Stop every engine this process started (tests, end of a CLI run)."""
     with _engines_lock:
