@@ -212,22 +212,22 @@ def test_chat_request_without_messages_is_a_clear_error(server):
 
 
 def test_requests_reach_the_server_in_parallel(server):
-    server.delay = 0.3
+    server.delay = 1.0  # long enough that a loaded 2-core CI machine still overlaps them
     lm = _lm(server, max_concurrency=8, endpoint="completions")
     start = time.perf_counter()
     outs = lm.generate([Request(f"prompt {i}") for i in range(16)])
     wall = time.perf_counter() - start
     assert len(outs) == 16 and all(o.text for o in outs)
     assert server.max_in_flight == 8  # all the pool allows, no more
-    assert wall < 16 * 0.3 / 2  # two waves of 8, not 16 in a row
+    assert wall < 16 * 1.0 / 2  # two waves of 8, not 16 in a row
 
 
 def test_concurrent_submits_from_threads_are_not_serialized(server):
-    server.delay = 0.2
+    server.delay = 1.0
     lm = _lm(server, endpoint="completions")
     futs = [lm.submit(Request(f"p{i}")) for i in range(20)]
     assert all(f.result().text for f in futs)
-    assert server.max_in_flight >= 15
+    assert server.max_in_flight >= 10  # serialized submits would never exceed 1
 
 
 def test_retries_429_and_5xx_then_succeeds(server):
