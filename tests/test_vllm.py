@@ -23,8 +23,9 @@ def test_iris_evaluation_end_to_end(smollm_vllm):
         if r.prediction:
             assert r.prediction["species"] and r.prediction["reasoning"]
     assert result.usage.calls >= 12 and result.usage.output_tokens > 0
-    # The first call of each example is the prompt; a second only when a field was missing.
-    assert result.usage.calls <= 24
+    # One call per example, plus at most one follow-up per output field when a field was
+    # missing or (species is a choice field) named no species.
+    assert 12 <= result.usage.calls <= 12 * 3
 
 
 def test_greedy_is_deterministic_and_batched_equals_single(smollm_vllm):
