@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from fakes import fake_trainer
 from tandem.experiments.config import load_config
 from tandem.experiments.grid import load_experiment, run_experiment, table_markdown
 from tandem.experiments.report import write_report
@@ -16,7 +17,6 @@ from tandem.experiments.run import run_cell
 from tandem.lm import FakeLM
 from tandem.tasks.errors import DataError
 from tandem.tasks.registry import default_data, get_task
-from tandem.train import TrainResult
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -51,16 +51,6 @@ def make_lm(tmp_path: Path) -> FakeLM:
     lm.model_dir = tmp_path  # allows weight steps
     lm.adapter_replies = _AnyAdapter()
     return lm
-
-
-def fake_trainer(calls: list):
-    def train(model_dir, examples, cfg, out_dir, progress=None, overwrite=False):
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "adapter_config.json").write_text("{}")
-        calls.append(len(examples))
-        return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False, "eager")
-    return train
 
 
 def write_experiment(tmp_path: Path, strategies=("zero-shot", "p", "w -> p"), seeds=(0, 1)) -> Path:

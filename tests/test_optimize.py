@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
+from fakes import fake_trainer
 from tandem import ChainOfThought, Example, Module
 from tandem.lm import FakeLM
 from tandem.optimize import (
@@ -15,7 +15,6 @@ from tandem.optimize import (
 )
 from tandem.optimize.base import CompileResult, StepRecord
 from tandem.program.persist import ProgramFileError, load_program, read_program_file
-from tandem.train import TrainResult
 
 
 class Mod3(Module):
@@ -54,16 +53,6 @@ def make_lm(tmp_path):
     lm = FakeLM(base_reply)
     lm.model_dir = tmp_path
     return lm
-
-
-def fake_trainer(calls):
-    def train(model_dir, examples, cfg, out_dir, progress=None, overwrite=False):
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "adapter_config.json").write_text("{}")
-        calls.append(list(examples))
-        return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False, "eager")
-    return train
 
 
 def bt(tmp_path, strategy, calls=None, **kw):
