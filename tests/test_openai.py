@@ -445,3 +445,27 @@ def test_close_then_use_again(server):
     lm.close()
     assert lm.complete(Request("b")).text  # a fresh client and pool
     lm.close()
+
+
+def test_saved_program_reloads_with_its_server_and_adapter(server, tmp_path):
+    """program.json keeps the server's address, endpoint and adapter: load_program needs no lm_options."""
+    from tandem.program.persist import load_program
+
+    class Solve(Module):
+        def __init__(self):
+            super().__init__()
+            self.solve = ChainOfThought("question -> answer")
+
+        def forward(self, question):
+            return self.solve(question=question)
+
+    tuned = _lm(server, endpoint="completions").with_adapter(_fake_adapter(tmp_path))
+    prog = Solve().set_lm(tuned)
+    prog.save(tmp_path / "saved")
+    again = load_program(tmp_path / "saved", program=Solve())
+    lm = again.solve.lm
+    assert isinstance(lm, OpenAILM) and lm.base_url == server.url and lm.endpoint == "completions"
+    assert lm.base_model == "served-model" and lm.adapter == (tmp_path / "saved" / "adapters" / "adapter").resolve()
+    assert lm.model == tuned.model  # the same adapter bytes: the same served name
+    other = load_program(tmp_path / "saved", program=Solve(), lm_options={"base_url": "http://127.0.0.1:9/v1"})
+    assert other.solve.lm.base_url == "http://127.0.0.1:9/v1"  # lm_options win

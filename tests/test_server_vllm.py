@@ -273,3 +273,39 @@ def test_adapter_served_by_the_server(server, reference, tmp_path):
     assert r.status_code == 200, r.text
     assert tuned.model not in tuned._served_models()
     assert tuned.complete(reqs[0]).text == a[0]  # 404 -> loaded again -> same answer
+
+
+def test_weight_step_adapter_served_by_the_server_matches_the_in_process_engine(server, reference, iris_dev,
+                                                                                   tmp_path):
+    """A weight step with the server's LM: tandem trains the LoRA locally (peft), the server
+    serves it by name, and its greedy outputs equal the in-process engine's with the same
+    adapter (LoRA mode, no prefix caching on either side, one request at a time).
+
+    Runs last: it stops the server before starting the in-process engine."""
+    if server.proc is None:
+        pytest.skip("needs the LoRA server of the restart test")
+    from tandem.lm.vllm import VLLM, shutdown_engines
+    from tandem.optimize import BootstrapFinetune
+    from tandem.train.lora import LoRAConfig
+
+    lm = _lm(server)
+    program = IrisClassifier().set_lm(lm)
+    train = split_iris(load_iris(), seed=0)["train"][:12]
+    step = BootstrapFinetune(iris_metric, config=LoRAConfig(epochs=2), num_threads=8)
+    out = step.compile(program, trainset=train, valset=iris_dev[:4], seed=0, out_dir=tmp_path / "w")
+    rec = out.history[0]
+    assert rec.kind == "w" and rec.train_examples > 0, rec.detail
+    tuned = out.program.predictors()[0].lm
+    assert isinstance(tuned, OpenAILM) and tuned.adapter is not None and tuned.base_url == server.url
+    assert tuned.model in tuned._served_models()  # loaded at run time, served by name
+    adapter = tuned.adapter
+
+    reqs = [Request(r.text, SamplingParams(max_tokens=16), r.prompt) for r, _ in reference[:2]]
+    served = [c.text for c in _lm(server, max_concurrency=1).with_adapter(adapter).generate(reqs)]
+    server.stop()  # memory and both cores for the in-process engine
+    local = VLLM(MODEL, cache=False, adapter_mode="lora", enable_prefix_caching=False).with_adapter(adapter)
+    try:
+        in_process = [local.complete(r).text for r in reqs]
+    finally:
+        shutdown_engines()
+    assert served == in_process

@@ -28,6 +28,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -66,7 +67,13 @@ class _Engine:
         self.options = options
         args = EngineArgs(model=str(model_dir), **options)
         log.info("starting vLLM engine for %s (%s)", model_dir, options)
+        t0 = time.perf_counter()
         self.engine = LLMEngine.from_engine_args(args)
+        # Where an engine's time goes (engine_stats()): start-up, time inside
+        # engine.step() (the model computing), steps, and requests in them.
+        self.stats = {"model": str(model_dir), "start_s": time.perf_counter() - t0, "step_s": 0.0,
+                      "steps": 0, "requests": 0, "request_steps": 0}
+        _stats.append(self.stats)
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = self.engine.model_config.max_model_len
         self._queue: queue.Queue = queue.Queue()
@@ -95,6 +102,7 @@ class _Engine:
             fut.set_exception(LMError(f"vLLM rejected a request: {exc}"))
             return
         self._pending[rid] = (fut, len(token_ids))
+        self.stats["requests"] += 1
 
     def _loop(self) -> None:
         try:
@@ -133,6 +141,7 @@ class _Engine:
                 self._add(item)
             if not self._pending:
                 continue
+            t_step = time.perf_counter()
             try:
                 outputs = self.engine.step()
             except Exception as exc:  # noqa: BLE001 - fail every waiting caller, loudly
@@ -142,6 +151,10 @@ class _Engine:
                 self._pending.clear()
                 self._closed = True
                 break
+            st = self.stats
+            st["step_s"] += time.perf_counter() - t_step
+            st["steps"] += 1
+            st["request_steps"] += len(self._pending)  # / steps: the mean batch
             for out in outputs:
                 if not out.finished or out.request_id not in self._pending:
                     continue
@@ -167,6 +180,19 @@ class _Engine:
 
 
 _engines: dict[tuple, _Engine] = {}
+_stats: list[dict] = []  # every engine this process started, closed ones included
+
+
+def engine_stats() -> list[dict]:
+    """Per engine started in this process: model folder, start-up seconds, seconds inside
+    ``engine.step()``, steps, requests and the mean batch (requests in flight per step)."""
+    out = []
+    for st in _stats:
+        d = dict(st)
+        d["mean_batch"] = round(d.pop("request_steps") / d["steps"], 1) if d["steps"] else 0.0
+        d["start_s"], d["step_s"] = round(d["start_s"], 2), round(d["step_s"], 2)
+        out.append(d)
+    return out
 _engines_lock = threading.Lock()
 _prepare_lock = threading.Lock()
 
@@ -231,8 +257,9 @@ class VLLM(LM):
         # cost 60-70 s at every start, more than it saves on short jobs (design.md).
         self.options = dict(
             max_model_len=max_model_len, enforce_eager=enforce_eager, dtype=dtype,
-            enable_prefix_caching=True, seed=0, **engine_options,
+            enable_prefix_caching=True, seed=0,
         )
+        self.options.update(engine_options)  # any vLLM engine argument, defaults above included
         if self.adapter_mode == "lora":
             self.options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)
         self.context_length = max_model_len

@@ -145,9 +145,13 @@ def _instantiate(path: str) -> Module:
 def _build_lm(ref: dict, directory: Path, built: dict, options: dict):
     from tandem.lm.registry import get_lm
 
-    base_key = f"{ref['backend']}:{ref['model']}"
+    spec = f"{ref['backend']}:{ref['model']}"
+    # What the backend recorded besides its model (a server's base_url, endpoint
+    # and local checkpoint) rebuilds it as saved; lm_options win over it.
+    saved = {k: v for k, v in ref.items() if k not in ("backend", "model", "adapter") and v is not None}
+    base_key = spec
     if base_key not in built:
-        built[base_key] = get_lm(base_key, **options)
+        built[base_key] = get_lm(spec, **{**saved, **options})
     lm = built[base_key]
     adapter = ref.get("adapter")
     if adapter:
