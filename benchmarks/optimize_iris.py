@@ -18,19 +18,73 @@ import os
 import platform
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run(run_dir: Path, seed: int) -> float:
+class MemorySampler:
+    """Peak memory of a process and all its children (vLLM's engine and worker processes).
+
+    PSS (proportional set size) counts a page shared by n processes as 1/n in
+    each, so the sum over the tree is what the run holds; RSS sums count
+    shared libraries once per process and overstate it. Sampled every 0.5 s.
+    """
+
+    def __init__(self, pid: int) -> None:
+        import psutil
+
+        self.root = psutil.Process(pid)
+        self.peak_pss = self.peak_rss = 0
+        self.peak_procs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import psutil
+
+        while not self._stop.is_set():
+            try:
+                procs = [self.root] + self.root.children(recursive=True)
+            except psutil.Error:
+                break
+            pss = rss = 0
+            for p in procs:
+                try:
+                    m = p.memory_full_info()
+                except psutil.Error:
+                    continue
+                pss += m.pss
+                rss += m.rss
+            if pss > self.peak_pss:
+                self.peak_pss, self.peak_procs = pss, len(procs)
+            self.peak_rss = max(self.peak_rss, rss)
+            self._stop.wait(0.5)
+
+    def stop(self) -> dict:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        gib = 1024 ** 3
+        return {"peak_pss_gib": round(self.peak_pss / gib, 2), "peak_rss_sum_gib": round(self.peak_rss / gib, 2),
+                "processes_at_peak": self.peak_procs}
+
+
+def run(run_dir: Path, seed: int) -> tuple[float, dict]:
     env = {**os.environ, "TANDEM_CACHE": "0"}
     cmd = [str(ROOT / ".venv" / "bin" / "tandem"), "optimize", "iris", "--strategy", "p -> w -> p",
            "--seed", str(seed), "--run-dir", str(run_dir)]
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return time.perf_counter() - t0
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    mem = MemorySampler(proc.pid)
+    rc = proc.wait()
+    wall = time.perf_counter() - t0
+    memory = mem.stop()
+    if rc:
+        sys.exit(f"tandem optimize exited with {rc}")
+    return wall, memory
 
 
 def summarize(run_dir: Path, process_s: float | None) -> dict:
@@ -65,6 +119,14 @@ def summarize(run_dir: Path, process_s: float | None) -> dict:
     }
     if total:
         out["other_s"] = round(total - optimize_s - test_s - (load_s or 0), 1)
+    engines = res.get("engines") or []
+    if engines:
+        # Inside engine.step() is the model computing; the rest of the inference
+        # time is tandem and vLLM's Python around it (prompt rendering, parsing,
+        # scheduling, threads) plus waits for work.
+        out["engines"] = engines
+        out["engine_start_s"] = round(sum(e["start_s"] for e in engines), 1)
+        out["engine_step_s"] = round(sum(e["step_s"] for e in engines), 1)
     return out
 
 
@@ -89,6 +151,15 @@ def table(s: dict) -> str:
                 f"+ test {s['test_s']} s + other {s.get('other_s')} s; "
                 f"of the steps: training {s['train_s']} s, merge+engine start {s['serve_setup_s']} s, "
                 f"inference {s['inference_s']} s (incl. test). dev {s['dev_score']}, test {s['test_score']}")
+    if s.get("engines"):
+        rows.append(f"engines: {len(s['engines'])} started, {s['engine_start_s']} s starting them, "
+                    f"{s['engine_step_s']} s inside engine.step() of {s['inference_s']} s inference; "
+                    + ", ".join(f"{Path(e['model']).name[:18]}: {e['requests']} requests, mean batch {e['mean_batch']}"
+                                for e in s["engines"]))
+    if s.get("memory"):
+        m = s["memory"]
+        rows.append(f"peak memory of the run (process tree): {m['peak_pss_gib']} GiB PSS "
+                    f"({m['peak_rss_sum_gib']} GiB summed RSS, {m['processes_at_peak']} processes)")
     return "\n".join(rows)
 
 
@@ -103,8 +174,12 @@ def main() -> int:
     if args.summarize is None:
         if run_dir.exists():
             sys.exit(f"{run_dir} exists; remove it or pass --summarize {run_dir}")
-        process_s = run(run_dir, args.seed)
+        load = os.getloadavg()[0]
+        process_s, memory = run(run_dir, args.seed)
     s = summarize(run_dir, process_s)
+    if args.summarize is None:
+        s["memory"] = memory
+        s["load_avg_1m_at_start"] = round(load, 2)
     print(table(s))
     out = ROOT / "benchmarks" / "results" / "optimize_iris.json"
     out.write_text(json.dumps(s, indent=1))

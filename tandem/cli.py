@@ -147,6 +147,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         lm.close()
     total_s = time.perf_counter() - t0
     summary["model_load_s"] = round(load_s, 1)
+    if "tandem.lm.vllm" in sys.modules:  # where the in-process engines' time went
+        summary["engines"] = sys.modules["tandem.lm.vllm"].engine_stats()
     write_json(run_dir / "results.json", summary)
     history = [StepRecord.from_dict(r) for r in summary["history"]]
     if history:

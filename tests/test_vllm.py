@@ -30,10 +30,16 @@ def test_iris_evaluation_end_to_end(smollm_vllm):
 
 def test_greedy_is_deterministic_and_batched_equals_single(smollm_vllm):
     reqs = [Request(f"<|im_start|>user\nCount to {i}<|im_end|>\n<|im_start|>assistant\n", SamplingParams(max_tokens=16)) for i in range(3, 9)]
+    from tandem.lm.vllm import engine_stats
+
+    before = {st["model"]: st for st in engine_stats()}[str(smollm_vllm.model_dir)]
     batched = [c.text for c in smollm_vllm.generate(reqs)]
     single = [smollm_vllm.complete(r).text for r in reqs]
     assert batched == single
     assert all(batched)
+    after = {st["model"]: st for st in engine_stats()}[str(smollm_vllm.model_dir)]
+    assert after["requests"] - before["requests"] == 12  # the profile counts what ran
+    assert after["steps"] > before["steps"] and after["step_s"] > before["step_s"] and after["start_s"] > 0
 
 
 def test_stop_strings_and_token_counts(smollm_vllm):
