@@ -311,3 +311,13 @@ def test_finished_runs_with_other_settings_are_flagged(tmp_path):
                    info=notes.append)
     assert load_experiment(cfg, ["sizes=20,10,10"]).cells()[0].stale()
     assert any("other settings" in n for n in notes)
+
+
+def test_per_task_section_of_a_task_left_out_is_ignored_a_typo_is_an_error(tmp_path):
+    cfg = tmp_path / "exp.toml"
+    cfg.write_text('tasks = ["iris", "gsm8k"]\nmodels = ["m"]\n[per_task.gsm8k]\nsizes = [4, 4, 4]\n')
+    exp = load_experiment(cfg, ["tasks=iris"])  # narrowed on the command line: the gsm8k section is unused
+    assert exp.tasks == ["iris"]
+    cfg.write_text('tasks = ["iris"]\nmodels = ["m"]\n[per_task.irs]\nsizes = [4, 4, 4]\n')
+    with pytest.raises(ValueError, match="irs"):
+        load_experiment(cfg)

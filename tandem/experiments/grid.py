@@ -130,6 +130,12 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
+def _builtin_tasks() -> set[str]:
+    from tandem.tasks.registry import task_names
+
+    return set(task_names())
+
+
 def _check_settings(values: dict, where: str) -> dict:
     unknown = set(values) - _RUN_KEYS
     if unknown:
@@ -195,7 +201,9 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     _check_settings(settings, str(path or "experiment"))
     for task, values_ in per_task.items():
         _check_settings(values_, f"[per_task.{task}]")
-        if task not in grid["tasks"]:
+        # A section for a task left out (e.g. by --set tasks=...) is unused; one
+        # that names no built-in task and no task in the list is a typo.
+        if task not in grid["tasks"] and task not in _builtin_tasks():
             raise ValueError(f"[per_task.{task}]: {task!r} is not in tasks {grid['tasks']}")
     # Paths in the file are relative to the file, as in `tandem optimize --config`.
     if path is not None:
