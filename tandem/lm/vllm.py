@@ -32,6 +32,7 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 
+from tandem.lm import reaper
 from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request
 from tandem.lm.models import checkpoint_fingerprint, has_chat_template, resolve_model
 from tandem.settings import tandem_home
@@ -68,7 +69,10 @@ class _Engine:
         args = EngineArgs(model=str(model_dir), **options)
         log.info("starting vLLM engine for %s (%s)", model_dir, options)
         t0 = time.perf_counter()
+        before = reaper.children()
         self.engine = LLMEngine.from_engine_args(args)
+        # The engine core and worker processes die with us, even on SIGKILL / OOM kill.
+        self._watcher = reaper.watch(reaper.new_children(before))
         # Where an engine's time goes (engine_stats()): start-up, time inside
         # engine.step() (the model computing), steps, and requests in them.
         self.stats = {"model": str(model_dir), "start_s": time.perf_counter() - t0, "step_s": 0.0,
