@@ -298,6 +298,9 @@ def _exit_on_sigterm() -> None:
     import signal
 
     def handler(signum, frame):  # noqa: ARG001
+        engines = sys.modules.get("tandem.lm.vllm")
+        if engines is not None:  # fail calls in flight, so worker threads don't run on to the end
+            engines.abort()
         raise SystemExit(128 + signum)
 
     try:

@@ -60,3 +60,18 @@ def test_watcher_exits_when_the_children_end_normally():
     finally:
         p.kill()
         p.wait()
+
+
+def test_abort_refuses_new_engine_calls(tiny_model_dir):
+    """After SIGTERM's abort(), no engine starts again (worker threads fail fast instead)."""
+    pytest.importorskip("vllm")
+    from tandem.lm.base import LMError
+    from tandem.lm import vllm as vllm_backend
+
+    lm = vllm_backend.VLLM(tiny_model_dir, cache=False)
+    vllm_backend.abort()
+    try:
+        with pytest.raises(LMError, match="shutting down"):
+            lm.engine()
+    finally:
+        vllm_backend._aborted.clear()

@@ -221,6 +221,29 @@ def _get_engine(model_dir: Path, options: dict) -> _Engine:
         return eng
 
 
+_aborted = threading.Event()
+
+
+def abort() -> None:
+    """Stop every engine now and refuse new calls: for SIGTERM and Ctrl-C.
+
+    Calls in flight fail at once instead of running to the end, so threads
+    that wait on them (an evaluation's workers) finish in seconds and the
+    process exits; what finished before is in the call cache and the run
+    directory, so a ``--resume`` loses nothing.
+    """
+    _aborted.set()
+    # From a signal handler: if this thread is inside _get_engine (an engine
+    # starting), taking the lock would deadlock; atexit closes them later.
+    if _engines_lock.acquire(blocking=False):
+        try:
+            for eng in list(_engines.values()):
+                eng.close()
+            _engines.clear()
+        finally:
+            _engines_lock.release()
+
+
 @atexit.register
 def shutdown_engines() -> None:
     """Stop every engine this process started (tests, end of a CLI run)."""
@@ -292,6 +315,8 @@ class VLLM(LM):
         return merged
 
     def engine(self) -> _Engine:
+        if _aborted.is_set():
+            raise LMError("tandem is shutting down (SIGTERM / Ctrl-C): no new vLLM calls")
         eng = self._engine
         if eng is None or eng._closed:
             # Many threads arrive here at once on the first call; one of them
