@@ -10,6 +10,7 @@ import pytest
 from fakes import fake_trainer
 from tandem import ChainOfThought, Example, Module
 from tandem.lm import FakeLM
+from tandem.optimize.bootstrap import BootstrapFewShot
 from tandem.optimize import (
     BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan, StrategyError, bootstrap, parse_strategy,
 )
@@ -121,6 +122,37 @@ def test_failed_examples_are_resampled_with_seeds():
     resampled = [r for r in three.passed if r.attempt == 2]
     assert all("sampled" in r.entries[0].completion for r in resampled)
     assert three.usage.calls == 10 + 5 + 5
+
+
+def test_resamples_run_together_and_the_lowest_passing_seed_wins():
+    def reply(text, params):
+        x = _x(text)
+        if params.temperature > 0:  # both re-samples pass
+            return f" sampled {params.seed}\nY: {x % 3}"
+        return f" greedy\nY: {(x + 1) % 3 if x % 2 else x % 3}"
+
+    boot = bootstrap(Mod3().set_lm(FakeLM(reply)), data(10), metric, attempts=3)
+    assert sorted(r.attempt for r in boot.passed) == [0] * 5 + [1] * 5
+    assert all("sampled 1" in r.entries[0].completion for r in boot.passed if r.attempt)
+    assert boot.usage.calls == 10 + 5 * 2  # the failed ones' two re-samples ran at once
+
+
+def test_labeled_teacher_shows_other_examples_and_finds_traces_zero_shot_cannot():
+    prog = Mod3().set_lm(FakeLM(base_reply))  # x >= 10 is right only with demos in the prompt
+    train = data(10, 10)
+    plain = BootstrapFewShot(metric, labeled_teacher=False, attempts=1).run_bootstrap(prog, train)
+    assert len(plain.passed) == 0
+    fs = BootstrapFewShot(metric, max_labeled_demos=3, attempts=1)
+    boot = fs.run_bootstrap(prog, train)
+    assert len(boot.passed) == 10
+    teachers = fs._labeled_teachers(prog, train)
+    for i, ex in enumerate(train):
+        demos = teachers(i).solve.demos
+        assert len(demos) == 3 and all(d["x"] != ex.x for d in demos)  # never its own label
+        assert demos == teachers(i).solve.demos  # seeded: the same teacher every run
+    # the demos a candidate gets are the student's own traces, not the teacher's prompt
+    student = fs.assemble(prog, boot, train)
+    assert all(set(d) == {"x", "reasoning", "y"} for d in student.solve.demos)
 
 
 # -- the prompt step --------------------------------------------------------------------------

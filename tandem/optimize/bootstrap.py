@@ -70,6 +70,7 @@ def bootstrap(
     attempts: int = 1,
     temperature: float = 0.7,
     progress: Callable[[int, int], None] | None = None,
+    teacher_for: Callable[[int], Module] | None = None,
 ) -> BootstrapResult:
     """Run ``program`` on each example concurrently and score it with the trace.
 
@@ -78,29 +79,43 @@ def bootstrap(
     A small model that answers every input alike passes only the examples of
     one class greedily; re-sampling finds passing traces for the others, which
     is what demos and fine-tuning need (DSPy's bootstrap re-samples failed
-    examples the same way, over several rounds).
+    examples the same way, over several rounds). The re-samples of one
+    example run at the same time, and the first passing one in seed order is
+    kept, so the result does not depend on which finishes first.
+
+    ``teacher_for(i)``: the program to run on example ``i`` (default:
+    ``program``), e.g. one with labelled demos of the other examples.
     """
     runs: list[BootstrapRun | None] = [None] * len(examples)
     usage = Usage()
 
+    def attempt_run(i: int, attempt: int) -> tuple[BootstrapRun, Usage]:
+        prog = teacher_for(i) if teacher_for is not None else program
+        if attempt == 0:
+            rec, t = run_example(prog, examples[i], metric, i)
+        else:
+            with sampling_override(temperature=temperature, seed=attempt):
+                rec, t = run_example(prog, examples[i], metric, i)
+        run = BootstrapRun(
+            examples[i], rec.prediction, rec.score,
+            rec.failure is None and rec.score >= threshold, list(t.entries), rec.failure,
+        )
+        run.attempt = attempt
+        return run, t.usage
+
     def work(i: int) -> tuple[BootstrapRun, Usage]:
         spent = Usage()
-        run = None
-        for attempt in range(max(1, attempts)):
-            if attempt == 0:
-                rec, t = run_example(program, examples[i], metric, i)
-            else:
-                with sampling_override(temperature=temperature, seed=attempt):
-                    rec, t = run_example(program, examples[i], metric, i)
-            spent.merge(t.usage)
-            run = BootstrapRun(
-                examples[i], rec.prediction, rec.score,
-                rec.failure is None and rec.score >= threshold, list(t.entries), rec.failure,
-            )
-            run.attempt = attempt
-            if run.passed:
-                break
-        return run, spent
+        run, u = attempt_run(i, 0)
+        spent.merge(u)
+        if run.passed or attempts <= 1:
+            return run, spent
+        # The re-samples together: one round of latency instead of attempts - 1.
+        with ThreadPoolExecutor(max_workers=attempts - 1) as inner:
+            tries = list(inner.map(lambda a: attempt_run(i, a), range(1, attempts)))
+        for r, u in tries:
+            spent.merge(u)
+        passed = [r for r, _ in tries if r.passed]
+        return (passed[0] if passed else tries[-1][0]), spent
 
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples) or 1))) as pool:
@@ -146,9 +161,15 @@ class BootstrapFewShot:
         teacher: Module | None = None,
         num_threads: int = 64,
         attempts: int = 3,
+        labeled_teacher: bool = True,
     ) -> None:
         self.metric = metric
         self.attempts = attempts
+        # As DSPy's BootstrapFewShot: without an explicit teacher, the program
+        # runs on each training example with up to max_labeled_demos labelled
+        # demos of *other* examples, so a model that cannot follow the format
+        # zero-shot still produces passing traces, of more than one class.
+        self.labeled_teacher = labeled_teacher
         self.max_bootstrapped_demos = max_bootstrapped_demos
         self.max_labeled_demos = max_labeled_demos
         self.teacher = teacher
@@ -156,8 +177,30 @@ class BootstrapFewShot:
 
     def run_bootstrap(self, program: Module, trainset: list[Example], progress=None) -> BootstrapResult:
         teacher = self.teacher or program
+        teacher_for = None
+        if self.teacher is None and self.labeled_teacher and self.max_labeled_demos > 0 and len(trainset) > 1:
+            teacher_for = self._labeled_teachers(program, trainset)
         return bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
-                         progress=progress)
+                         progress=progress, teacher_for=teacher_for)
+
+    def _labeled_teachers(self, program: Module, trainset: list[Example]) -> Callable[[int], Module]:
+        """Example i's teacher: the program with labelled demos of up to k other examples
+        (a seeded sample per example, so reruns are identical and hit the call cache)."""
+        def teacher_for(i: int) -> Module:
+            t = program.reset_copy()
+            others = [ex for j, ex in enumerate(trainset) if j != i]
+            random.Random(i).shuffle(others)
+            for _name, pred in t.named_predictors():
+                demos = []
+                for ex in others:
+                    if len(demos) >= self.max_labeled_demos:
+                        break
+                    d = labeled_demo(pred, ex)
+                    if d is not None:
+                        demos.append(d)
+                pred.demos = demos
+            return t
+        return teacher_for
 
     def assemble(
         self, program: Module, boot: BootstrapResult, trainset: list[Example], rng: random.Random | None = None,
