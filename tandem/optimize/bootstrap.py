@@ -191,14 +191,7 @@ class BootstrapFewShot:
             others = [ex for j, ex in enumerate(trainset) if j != i]
             random.Random(i).shuffle(others)
             for _name, pred in t.named_predictors():
-                demos = []
-                for ex in others:
-                    if len(demos) >= self.max_labeled_demos:
-                        break
-                    d = labeled_demo(pred, ex)
-                    if d is not None:
-                        demos.append(d)
-                pred.demos = demos
+                pred.demos = self._top_up([], pred, others)
             return t
         return teacher_for
 
@@ -220,14 +213,19 @@ class BootstrapFewShot:
             if rng is not None:
                 pool = list(pool)
                 rng.shuffle(pool)
-            for ex in pool:
-                if len(demos) >= self.max_labeled_demos:
-                    break
-                d = labeled_demo(pred, ex)
-                if d is not None:
-                    demos.append(d)
-            pred.demos = demos
+            pred.demos = self._top_up(demos, pred, pool)
         return new
+
+    def _top_up(self, demos: list[dict], pred, pool: list[Example]) -> list[dict]:
+        """``demos`` plus labelled demos from ``pool``, in order, up to max_labeled_demos in all."""
+        demos = list(demos)
+        for ex in pool:
+            if len(demos) >= self.max_labeled_demos:
+                break
+            d = labeled_demo(pred, ex)
+            if d is not None:
+                demos.append(d)
+        return demos
 
     def compile(self, program: Module, *, trainset: list[Example], valset=None, seed: int = 0,
                 progress: Progress | None = None) -> CompileResult:
