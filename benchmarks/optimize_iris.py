@@ -22,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 
+from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -114,7 +116,7 @@ def summarize(run_dir: Path, process_s: float | None) -> dict:
         "serve_setup_s": round(serve_s, 1), "inference_s": round(optimize_s - train_s - serve_s + test_s, 1),
         "test_s": test_s, "dev_score": res.get("dev_score"), "test_score": res.get("test_score"),
         "steps": steps,
-        "machine": {"cpu": _cpu(), "cores": os.cpu_count(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "python": platform.python_version()},
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     if total:
@@ -128,16 +130,6 @@ def summarize(run_dir: Path, process_s: float | None) -> dict:
         out["engine_start_s"] = round(sum(e["start_s"] for e in engines), 1)
         out["engine_step_s"] = round(sum(e["step_s"] for e in engines), 1)
     return out
-
-
-def _cpu() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def table(s: dict) -> str:

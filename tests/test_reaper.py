@@ -17,7 +17,7 @@ import subprocess, sys, time
 from tandem.lm import reaper
 before = reaper.children()
 child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
-watcher = reaper.watch(reaper.new_children(before))
+watcher = reaper.watch(sorted(reaper.children() - before))
 print(child.pid, watcher.pid, flush=True)
 if sys.argv[1] == "exit-clean":
     child.kill(); child.wait()

@@ -46,6 +46,8 @@ HERE = Path(__file__).resolve().parent
 TANDEM_PY = ROOT / ".venv" / "bin" / "python"
 DSPY_PY = HERE / ".venv" / "bin" / "python"
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from machine import cpu_model  # noqa: E402
 
 
 # -- machine load ------------------------------------------------------------------------
@@ -119,16 +121,6 @@ def wait_for_memory(need_gib: float, what: str, waits: dict, timeout: float) -> 
         time.sleep(5)
         avail = mem_available_gib()
     waits[what] = {"waited_s": round(time.monotonic() - t0, 1), "available_gib": round(avail, 1)}
-
-
-def cpu_model() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def versions(python: Path, mods: list[str]) -> dict:

@@ -63,16 +63,8 @@ def watch(pids: list[int]) -> subprocess.Popen | None:
     )
 
 
-def new_children(before: set[int]) -> list[int]:
-    """This process's descendants that were not in ``before`` (pids)."""
-    try:
-        import psutil
-    except ImportError:
-        return []
-    return [p.pid for p in psutil.Process().children(recursive=True) if p.pid not in before]
-
-
 def children() -> set[int]:
+    """The pids of this process's descendants."""
     try:
         import psutil
     except ImportError:

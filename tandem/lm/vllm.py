@@ -72,7 +72,7 @@ class _Engine:
         before = reaper.children()
         self.engine = LLMEngine.from_engine_args(args)
         # The engine core and worker processes die with us, even on SIGKILL / OOM kill.
-        self._watcher = reaper.watch(reaper.new_children(before))
+        self._watcher = reaper.watch(sorted(reaper.children() - before))
         # Where an engine's time goes (engine_stats()): start-up, time inside
         # engine.step() (the model computing), steps, and requests in them.
         self.stats = {"model": str(model_dir), "start_s": time.perf_counter() - t0, "step_s": 0.0,
@@ -184,6 +184,8 @@ class _Engine:
 
 
 _engines: dict[tuple, _Engine] = {}
+_engines_lock = threading.Lock()
+_prepare_lock = threading.Lock()
 _stats: list[dict] = []  # every engine this process started, closed ones included
 
 
@@ -197,8 +199,6 @@ def engine_stats() -> list[dict]:
         d["start_s"], d["step_s"] = round(d["start_s"], 2), round(d["step_s"], 2)
         out.append(d)
     return out
-_engines_lock = threading.Lock()
-_prepare_lock = threading.Lock()
 
 
 #: Engines kept alive at once. Each weight step on CPU adds a merged-weights
@@ -234,23 +234,22 @@ def abort() -> None:
     """
     _aborted.set()
     # From a signal handler: if this thread is inside _get_engine (an engine
-    # starting), taking the lock would deadlock; atexit closes them later.
-    if _engines_lock.acquire(blocking=False):
-        try:
-            for eng in list(_engines.values()):
-                eng.close()
-            _engines.clear()
-        finally:
-            _engines_lock.release()
+    # starting), waiting for the lock would deadlock; atexit closes them later.
+    shutdown_engines(wait=False)
 
 
 @atexit.register
-def shutdown_engines() -> None:
-    """Stop every engine this process started (tests, end of a CLI run)."""
-    with _engines_lock:
+def shutdown_engines(wait: bool = True) -> None:
+    """Stop every engine this process started (tests, end of a CLI run).
+    ``wait=False``: do nothing if another caller holds the engine table."""
+    if not _engines_lock.acquire(blocking=wait):
+        return
+    try:
         for eng in _engines.values():
             eng.close()
         _engines.clear()
+    finally:
+        _engines_lock.release()
 
 
 class VLLM(LM):

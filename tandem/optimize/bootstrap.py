@@ -89,8 +89,7 @@ def bootstrap(
     runs: list[BootstrapRun | None] = [None] * len(examples)
     usage = Usage()
 
-    def attempt_run(i: int, attempt: int) -> tuple[BootstrapRun, Usage]:
-        prog = teacher_for(i) if teacher_for is not None else program
+    def attempt_run(prog: Module, i: int, attempt: int) -> tuple[BootstrapRun, Usage]:
         if attempt == 0:
             rec, t = run_example(prog, examples[i], metric, i)
         else:
@@ -105,13 +104,14 @@ def bootstrap(
 
     def work(i: int) -> tuple[BootstrapRun, Usage]:
         spent = Usage()
-        run, u = attempt_run(i, 0)
+        prog = teacher_for(i) if teacher_for is not None else program
+        run, u = attempt_run(prog, i, 0)
         spent.merge(u)
         if run.passed or attempts <= 1:
             return run, spent
         # The re-samples together: one round of latency instead of attempts - 1.
         with ThreadPoolExecutor(max_workers=attempts - 1) as inner:
-            tries = list(inner.map(lambda a: attempt_run(i, a), range(1, attempts)))
+            tries = list(inner.map(lambda a: attempt_run(prog, i, a), range(1, attempts)))
         for r, u in tries:
             spent.merge(u)
         passed = [r for r, _ in tries if r.passed]
