@@ -74,8 +74,10 @@ class MemorySampler:
                 "processes_at_peak": self.peak_procs}
 
 
-def run(run_dir: Path, seed: int) -> tuple[float, dict]:
+def run(run_dir: Path, seed: int, max_engines: int | None) -> tuple[float, dict]:
     env = {**os.environ, "TANDEM_CACHE": "0"}
+    if max_engines is not None:
+        env["TANDEM_MAX_ENGINES"] = str(max_engines)
     cmd = [str(ROOT / ".venv" / "bin" / "tandem"), "optimize", "iris", "--strategy", "p -> w -> p",
            "--seed", str(seed), "--run-dir", str(run_dir)]
     t0 = time.perf_counter()
@@ -160,6 +162,10 @@ def main() -> int:
     p.add_argument("--summarize", type=Path, default=None, help="summarize an existing run dir instead of running")
     p.add_argument("--run-dir", type=Path, default=Path("runs/bench-iris-pwp"))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-engines", type=int, default=None,
+                   help="TANDEM_MAX_ENGINES for the run (default: tandem's); 2 keeps the base and the "
+                        "merged engine side by side, 1 loads the merged weights into the one engine")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "optimize_iris.json")
     args = p.parse_args()
     process_s = None
     run_dir = args.summarize or args.run_dir
@@ -167,13 +173,21 @@ def main() -> int:
         if run_dir.exists():
             sys.exit(f"{run_dir} exists; remove it or pass --summarize {run_dir}")
         load = os.getloadavg()[0]
-        process_s, memory = run(run_dir, args.seed)
+        process_s, memory = run(run_dir, args.seed, args.max_engines)
     s = summarize(run_dir, process_s)
+    out = args.out
     if args.summarize is None:
         s["memory"] = memory
         s["load_avg_1m_at_start"] = round(load, 2)
+        s["max_engines"] = args.max_engines if args.max_engines is not None else os.environ.get("TANDEM_MAX_ENGINES")
+    elif out.exists():
+        # Only a real run measures memory and load: keep them from the run this file came from.
+        old = json.loads(out.read_text())
+        if old.get("run_dir") == s["run_dir"]:
+            for k in ("memory", "load_avg_1m_at_start", "max_engines", "total_s", "other_s"):
+                if k in old:
+                    s[k] = old[k]
     print(table(s))
-    out = ROOT / "benchmarks" / "results" / "optimize_iris.json"
     out.write_text(json.dumps(s, indent=1))
     print(f"\nwritten {out}")
     return 0

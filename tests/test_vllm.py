@@ -71,3 +71,51 @@ def test_prompt_longer_than_context_is_a_clear_error(smollm_vllm):
         smollm_vllm.complete(Request("word " * 5000))
     # the engine still serves others afterwards
     assert smollm_vllm.complete(Request("Hello", SamplingParams(max_tokens=4))).output_tokens > 0
+
+
+def _perturbed_copy(model_dir, out):
+    """The same architecture and tokenizer with other weights (layer 0's MLP output zeroed)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out.mkdir()
+    for f in model_dir.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, out / f.name)
+    weights = load_file(model_dir / "model.safetensors")
+    name = next(k for k in weights if k.endswith("layers.0.mlp.down_proj.weight"))
+    weights[name] = weights[name] * 0
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_other_weights_load_into_the_running_engine_and_back(smollm_vllm, tmp_path, monkeypatch):
+    """At the engine limit, weights of the same architecture are loaded into the idle engine
+    (no new processes), its prefix cache is emptied, and the replies equal a fresh engine's."""
+    from tandem.lm import vllm as V
+
+    monkeypatch.setattr(V, "MAX_ENGINES", 1)
+    other_dir = _perturbed_copy(smollm_vllm.model_dir, tmp_path / "other")
+    # Longer than one 128-token KV block, so the prefix cache would serve it if it were stale.
+    prompts = [f"<|im_start|>user\n{'Petals and sepals of an iris. ' * 30}Name a colour, {i}.<|im_end|>\n"
+               f"<|im_start|>assistant\n" for i in range(3)]
+
+    def replies(lm):
+        return [lm.complete(Request(p, SamplingParams(max_tokens=12))).text for p in prompts]
+
+    base = replies(smollm_vllm)
+    engine = smollm_vllm.engine().engine
+    other = V.VLLM(other_dir, cache=False)
+    reloaded = replies(other)
+    assert other.engine().engine is engine  # the same vLLM engine, other weights
+    assert V.engine_stats()[-1]["reloaded"] is True
+    assert reloaded != base
+
+    monkeypatch.setattr(V, "RELOAD_WEIGHTS", False)  # a fresh engine of the other weights
+    V.shutdown_engines()
+    fresh = replies(V.VLLM(other_dir, cache=False))
+    assert fresh == reloaded
+    monkeypatch.setattr(V, "RELOAD_WEIGHTS", True)
+    assert replies(smollm_vllm) == base  # and back into the same engine
+    assert V.engine_stats()[-1]["reloaded"] is True

@@ -142,8 +142,8 @@ def free_port() -> int:
 class Server:
     """vLLM's OpenAI-compatible server of ``model_dir`` in its own process group, on 127.0.0.1."""
 
-    def __init__(self, model_dir: Path, log: Path, kv_cache_gb: int) -> None:
-        self.model_dir, self.log, self.kv_cache_gb = model_dir, log, kv_cache_gb
+    def __init__(self, model_dir: Path, log: Path, kv_cache_gb: int, block_size: int = 0) -> None:
+        self.model_dir, self.log, self.kv_cache_gb, self.block_size = model_dir, log, kv_cache_gb, block_size
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -155,7 +155,7 @@ class Server:
             "--served-model-name", "smollm2-135m", "--host", "127.0.0.1", "--port", str(self.port),
             "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0",
             "--enable-prefix-caching", "--generation-config", "vllm",
-        ]
+        ] + (["--block-size", str(self.block_size)] if self.block_size else [])
 
     def start(self, timeout: float = 900) -> float:
         import httpx
@@ -288,6 +288,9 @@ def main() -> int:
                    help="DSPy's num_threads (default 24: the value DSPy's docs use for dspy.Evaluate and for "
                         "their optimizer examples; see docs/benchmarks.md)")
     p.add_argument("--kv-cache-gb", type=int, default=2, help="the server's VLLM_CPU_KVCACHE_SPACE (tandem's default)")
+    p.add_argument("--server-block-size", type=int, default=32,
+                   help="the server's KV block size (default 32, as tandem's in-process engine on CPU, so both "
+                        "sides get the same prefix caching; 0: vLLM's CPU default, 128)")
     p.add_argument("--rounds", type=int, default=3,
                    help="prompt-step rounds per side, each from an empty prefix cache; the table shows the fastest "
                         "round's time (load from other jobs only ever slows a round down) and the mean accuracy")
@@ -352,7 +355,7 @@ def main() -> int:
         wait_for_memory(args.mem_gib, "vLLM server", waits, args.mem_wait)
         sampler.phase = "server start"
         print("vLLM server: starting ...", flush=True)
-        server = Server(model_dir, work / "server.log", args.kv_cache_gb)
+        server = Server(model_dir, work / "server.log", args.kv_cache_gb, args.server_block_size)
         res["prompt_step"]["server_start_s"] = round(server.start(), 1)
         res["prompt_step"]["server_cmd"] = " ".join(server.cmd()[1:])
         common = ["--data", data_path, "--api-base", f"{server.url}/v1", "--metrics-url", f"{server.url}/metrics",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import itertools
+import json
 import logging
 import os
 import queue
@@ -58,25 +59,48 @@ def _cpu_env(kv_cache_gb: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+class EngineClosed(LMError):
+    """The request reached an engine that was closed or handed on before it started;
+    ``VLLM`` sends it again to the engine that now serves its weights."""
+
+
 class _Engine:
-    """One vLLM engine and the thread that feeds it."""
+    """One vLLM engine and the thread that feeds it.
 
-    def __init__(self, model_dir: Path, options: dict) -> None:
-        from vllm import EngineArgs, LLMEngine
+    ``reuse``: an idle engine of the same architecture whose processes this one
+    takes over, loading ``model_dir``'s weights in place (vLLM's
+    ``reload_weights``) instead of starting new processes.
+    """
 
+    def __init__(self, model_dir: Path, options: dict, reuse: "_Engine | None" = None) -> None:
         self.model_dir = model_dir
         self.options = options
-        args = EngineArgs(model=str(model_dir), **options)
-        log.info("starting vLLM engine for %s (%s)", model_dir, options)
         t0 = time.perf_counter()
-        before = reaper.children()
-        self.engine = LLMEngine.from_engine_args(args)
-        # The engine core and worker processes die with us, even on SIGKILL / OOM kill.
-        self._watcher = reaper.watch(sorted(reaper.children() - before))
-        # Where an engine's time goes (engine_stats()): start-up, time inside
-        # engine.step() (the model computing), steps, and requests in them.
+        if reuse is None:
+            from vllm import EngineArgs, LLMEngine
+
+            args = EngineArgs(model=str(model_dir), **options)
+            log.info("starting vLLM engine for %s (%s)", model_dir, options)
+            before = reaper.children()
+            self.engine = LLMEngine.from_engine_args(args)
+            # The engine core and worker processes die with us, even on SIGKILL / OOM kill.
+            self._watcher = reaper.watch(sorted(reaper.children() - before))
+        else:
+            log.info("loading %s into the running vLLM engine of %s", model_dir, reuse.model_dir)
+            self.engine, self._watcher = reuse.engine, reuse._watcher
+            reuse.engine = None  # ours now: closing the old wrapper must not shut it down
+            try:
+                self.engine.collective_rpc("reload_weights", kwargs={"weights_path": str(model_dir)})
+                # Cached KV blocks were computed by the old weights.
+                if not self.engine.reset_prefix_cache():
+                    raise LMError("vLLM did not empty its prefix cache after a weight reload")
+            except BaseException:
+                self.engine.engine_core.shutdown()
+                raise
+        # Where an engine's time goes (engine_stats()): start-up (or weight reload),
+        # time inside engine.step() (the model computing), steps, and requests in them.
         self.stats = {"model": str(model_dir), "start_s": time.perf_counter() - t0, "step_s": 0.0,
-                      "steps": 0, "requests": 0, "request_steps": 0}
+                      "steps": 0, "requests": 0, "request_steps": 0, "reloaded": reuse is not None}
         _stats.append(self.stats)
         self.tokenizer = self.engine.get_tokenizer()
         self.max_model_len = self.engine.model_config.max_model_len
@@ -90,7 +114,7 @@ class _Engine:
     def submit(self, token_ids: list[int], params, lora_request=None) -> Future:
         fut: Future = Future()
         if self._closed:
-            fut.set_exception(LMError(f"vLLM engine for {self.model_dir} is closed"))
+            fut.set_exception(EngineClosed(f"vLLM engine for {self.model_dir} is closed"))
             return fut
         self._queue.put((token_ids, params, lora_request, fut))
         return fut
@@ -167,20 +191,69 @@ class _Engine:
                 fut.set_result(
                     Completion(o.text, n_prompt, len(o.token_ids), str(o.finish_reason or "stop"))
                 )
-        for fut, _ in self._pending.values():
-            if not fut.done():
-                fut.set_exception(LMError("vLLM engine closed with requests in flight"))
+        if self._pending:
+            # Closed (or handed on) mid-request: vLLM drops them, and the callers'
+            # VLLM sends them again to the engine that serves their weights now.
+            try:
+                self.engine.abort_request(list(self._pending))
+            except Exception:  # noqa: BLE001 - the engine may be gone already
+                pass
+            for fut, _ in self._pending.values():
+                if not fut.done():
+                    fut.set_exception(EngineClosed("vLLM engine closed with requests in flight"))
+            self._pending.clear()
+
+    def idle(self) -> bool:
+        """Running, with no request in flight or waiting."""
+        return not self._closed and not self._pending and self._queue.empty()
+
+    def _stop(self) -> None:
+        """Stop the loop thread; requests that never reached vLLM fail with EngineClosed."""
+        if not self._closed:
+            self._queue.put(None)
+            self._thread.join(timeout=30)
+            self._closed = True
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and not item[3].done():
+                item[3].set_exception(EngineClosed(f"vLLM engine for {self.model_dir} was closed"))
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._queue.put(None)
-        self._thread.join(timeout=30)
-        self._closed = True
+        self._stop()
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            try:
+                engine.engine_core.shutdown()
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass
+
+    def hand_over(self, model_dir: Path) -> "_Engine":
+        """This engine's processes, now serving ``model_dir``'s weights (see ``reuse``)."""
+        self._stop()
+        return _Engine(model_dir, self.options, reuse=self)
+
+
+def _same_architecture(a: Path, b: Path) -> bool:
+    """Whether ``b``'s weights can be loaded into an engine of ``a``: the same model
+    config (paths, versions and dtype aside) and the same tokenizer files."""
+    def config(d: Path) -> dict | None:
         try:
-            self.engine.engine_core.shutdown()
-        except Exception:  # noqa: BLE001 - best effort at shutdown
-            pass
+            c = json.loads((d / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+        for k in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            c.pop(k, None)
+        return c
+
+    def tokenizer(d: Path) -> list:
+        return [(f, (d / f).read_bytes() if (d / f).exists() else None)
+                for f in ("tokenizer.json", "tokenizer_config.json")]
+
+    ca = config(a)
+    return ca is not None and ca == config(b) and tokenizer(a) == tokenizer(b)
 
 
 _engines: dict[tuple, _Engine] = {}
@@ -201,10 +274,17 @@ def engine_stats() -> list[dict]:
     return out
 
 
-#: Engines kept alive at once. Each weight step on CPU adds a merged-weights
-#: engine (~3.5 GB with a 2 GiB KV cache); older ones are closed first, and an
-#: LM whose engine was closed starts it again on its next call.
-MAX_ENGINES = int(os.environ.get("TANDEM_MAX_ENGINES", "2"))
+#: Engines kept alive at once. Each weight step on CPU serves merged weights
+#: from a second checkpoint. At the limit, the least recently used idle engine
+#: makes room: if it has the same architecture, the new weights are loaded
+#: into it in place (under a second, against ~25 s for a new engine, and no
+#: second engine's ~3.5 GB); otherwise it is closed and a new engine starts.
+#: An engine with requests in flight is never closed for another: the limit is
+#: exceeded instead, until it is idle. An LM whose engine was closed or
+#: reloaded gets the right one again on its next call.
+MAX_ENGINES = int(os.environ.get("TANDEM_MAX_ENGINES", "1"))
+#: Load weights into a running engine instead of starting another (see above).
+RELOAD_WEIGHTS = os.environ.get("TANDEM_RELOAD_WEIGHTS", "1") != "0"
 
 
 def _get_engine(model_dir: Path, options: dict) -> _Engine:
@@ -212,11 +292,29 @@ def _get_engine(model_dir: Path, options: dict) -> _Engine:
     with _engines_lock:
         eng = _engines.pop(key, None)
         if eng is None or eng._closed:
-            while len(_engines) >= max(1, MAX_ENGINES):
-                old_key = next(iter(_engines))  # least recently used
-                log.info("closing the vLLM engine for %s to make room", old_key[0])
-                _engines.pop(old_key).close()
-            eng = _Engine(model_dir, options)
+            eng = None
+            for old_key in list(_engines):  # least recently used first
+                if len(_engines) < max(1, MAX_ENGINES):
+                    break
+                old = _engines[old_key]
+                if not old.idle() and not old._closed:
+                    continue  # busy: never fail its requests to make room
+                del _engines[old_key]
+                if (RELOAD_WEIGHTS and eng is None and not old._closed and old_key[1] == key[1]
+                        and _same_architecture(Path(old_key[0]), model_dir)):
+                    try:
+                        eng = old.hand_over(model_dir)
+                    except Exception as exc:  # noqa: BLE001 - the old engine is gone; start a new one
+                        log.warning("could not load %s into a running vLLM engine (%s); starting one",
+                                    model_dir, exc)
+                else:
+                    log.info("closing the vLLM engine for %s to make room", old_key[0])
+                    old.close()
+            if eng is None:
+                if len(_engines) >= max(1, MAX_ENGINES):
+                    log.warning("%d vLLM engine(s) busy: starting one more than TANDEM_MAX_ENGINES=%d",
+                                len(_engines), MAX_ENGINES)
+                eng = _Engine(model_dir, options)
         _engines[key] = eng  # re-inserted: most recently used last
         return eng
 
@@ -285,6 +383,14 @@ class VLLM(LM):
             max_model_len=max_model_len, enforce_eager=enforce_eager, dtype=dtype,
             enable_prefix_caching=True, seed=0,
         )
+        if not gpu:
+            # Prefix caching works in whole KV blocks. vLLM's CPU default of 128
+            # tokens leaves the tail of every shared demo prefix uncomputed-but-
+            # uncached, and a zero-shot prompt's system message (~80 tokens) out
+            # entirely; 32 (the smallest size its CPU kernels are tuned for) cached
+            # 84-87% of the prompt step's prompt tokens instead of ~70%, and made
+            # Iris's prompt step 1.3x faster (docs/benchmarks.md).
+            self.options["block_size"] = 32
         self.options.update(engine_options)  # any vLLM engine argument, defaults above included
         if self.adapter_mode == "lora":
             self.options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)
@@ -388,14 +494,29 @@ class VLLM(LM):
             temperature=p.temperature, max_tokens=max_tokens, stop=list(p.stop) or None,
             seed=p.seed if self._seeds_supported else None, skip_special_tokens=True,
         )
-        inner = self.engine().submit(ids, params, self._lora())
+        self._submit(ids, params, fut, key, retries=2)
+
+    def _submit(self, ids: list[int], params, fut: Future, key: str | None, retries: int) -> None:
+        try:
+            inner = self.engine().submit(ids, params, self._lora())
+        except BaseException as exc:  # noqa: BLE001 - e.g. shutting down; never leave the caller waiting
+            fut.set_exception(exc)
+            return
 
         def done(f: Future) -> None:
+            exc = f.exception()
+            if isinstance(exc, EngineClosed) and retries > 0 and not _aborted.is_set():
+                # The engine was closed or took other weights before this request
+                # started: send it to the engine that serves our weights now (in a
+                # thread of its own: this callback may run under the engine table's lock).
+                threading.Thread(target=self._submit, args=(ids, params, fut, key, retries - 1),
+                                 daemon=True).start()
+                return
             try:
-                self._finish(fut, key, f.exception() or f.result())
-            except BaseException as exc:  # noqa: BLE001 - never leave the caller waiting
+                self._finish(fut, key, exc or f.result())
+            except BaseException as exc2:  # noqa: BLE001 - never leave the caller waiting
                 if not fut.done():
-                    fut.set_exception(exc)
+                    fut.set_exception(exc2)
 
         inner.add_done_callback(done)
 
