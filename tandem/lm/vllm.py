@@ -388,8 +388,8 @@ class VLLM(LM):
             # tokens leaves the tail of every shared demo prefix uncomputed-but-
             # uncached, and a zero-shot prompt's system message (~80 tokens) out
             # entirely; 32 (the smallest size its CPU kernels are tuned for) cached
-            # 84-87% of the prompt step's prompt tokens instead of ~70%, and made
-            # Iris's prompt step 1.3x faster (docs/benchmarks.md).
+            # 84-87% of the prompt step's prompt tokens instead of ~72%, and took
+            # 1.1-1.25x less time per LM call (benchmarks/prefix_blocks.py).
             self.options["block_size"] = 32
         self.options.update(engine_options)  # any vLLM engine argument, defaults above included
         if self.adapter_mode == "lora":
