@@ -384,10 +384,10 @@ class VLLM(LM):
             enable_prefix_caching=True, seed=0,
         )
         if not gpu:
-            # Prefix caching works in whole KV blocks. vLLM's CPU default of 128
-            # tokens leaves the tail of every shared demo prefix uncomputed-but-
-            # uncached, and a zero-shot prompt's system message (~80 tokens) out
-            # entirely; 32 (the smallest size its CPU kernels are tuned for) cached
+            # Prefix caching works in whole KV blocks. With vLLM's CPU default of
+            # 128 tokens the tail of every shared demo prefix is computed again,
+            # and a zero-shot prompt's system message (~80 tokens) is never
+            # reused; 32 (the smallest size its CPU kernels are tuned for) cached
             # 84-87% of the prompt step's prompt tokens instead of ~72%, and took
             # 1.1-1.25x less time per LM call (benchmarks/prefix_blocks.py).
             self.options["block_size"] = 32
