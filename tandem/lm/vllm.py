@@ -143,13 +143,17 @@ class _Engine:
                 if not fut.done():
                     fut.set_exception(err)
             self._pending.clear()
-            while True:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is not None and not item[3].done():
-                    item[3].set_exception(err)
+            self._fail_waiting(err)
+
+    def _fail_waiting(self, err: Exception) -> None:
+        """Fail the requests still in the queue (never handed to vLLM) with ``err``."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None and not item[3].done():
+                item[3].set_exception(err)
 
     def _serve(self) -> None:
         while not self._closed:
@@ -213,13 +217,7 @@ class _Engine:
             self._queue.put(None)
             self._thread.join(timeout=30)
             self._closed = True
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None and not item[3].done():
-                item[3].set_exception(EngineClosed(f"vLLM engine for {self.model_dir} was closed"))
+        self._fail_waiting(EngineClosed(f"vLLM engine for {self.model_dir} was closed"))
 
     def close(self) -> None:
         self._stop()
