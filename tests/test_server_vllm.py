@@ -13,15 +13,9 @@ adapter test then uses.
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 import warnings
-from pathlib import Path
 
 import pytest
 
@@ -29,94 +23,13 @@ from tandem.evaluate import evaluate
 from tandem.lm import Request, SamplingParams
 from tandem.lm.cache import CallCache
 from tandem.lm.openai import OpenAILM
+from tandem.lm.vllm_server import VLLMServer
 from tandem.tasks.iris import IrisClassifier, iris_metric, load_iris, split_iris
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m"
 N_REF = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class VLLMServer:
-    """vLLM's OpenAI-compatible server in its own process group."""
-
-    def __init__(self, model_dir: Path, log_dir: Path) -> None:
-        self.model_dir = model_dir
-        self.log_dir = log_dir
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}/v1"
-        self.proc: subprocess.Popen | None = None
-        self.starts = 0
-
-    def start(self, lora: bool = False, prefix_caching: bool = True, timeout: float = 600) -> None:
-        import httpx
-
-        cmd = [
-            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-            "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(self.port),
-            "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0",
-            # as the in-process engine: prefix caching, no sampling defaults from generation_config.json
-            "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
-            "--generation-config", "vllm",
-        ]
-        env = dict(os.environ)
-        n = os.cpu_count() or 1
-        env["VLLM_CPU_KVCACHE_SPACE"] = "1"
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
-        env["VLLM_LOGGING_LEVEL"] = "INFO"
-        if lora:
-            cmd += ["--enable-lora", "--max-lora-rank", "32"]
-            env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
-        self.starts += 1
-        self.log = self.log_dir / f"server-{self.starts}.log"
-        fh = open(self.log, "w")
-        self.proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        fh.close()
-        t0 = time.monotonic()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{self.tail()}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    self.start_s = time.monotonic() - t0
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"vLLM server not healthy after {timeout} s:\n{self.tail()}")
-
-    def tail(self, n: int = 40) -> str:
-        return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
-
-    def stop(self, sig: int = signal.SIGTERM) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        try:
-            os.killpg(p.pid, sig)
-            p.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-
-    def kill(self) -> None:
-        """A crash: SIGKILL to the whole group (API server and engine core)."""
-        p, self.proc = self.proc, None
-        if p is not None:
-            try:
-                os.killpg(p.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            p.wait(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -140,10 +53,8 @@ def reference(iris_dev):
 
 @pytest.fixture(scope="module")
 def server(reference, tmp_path_factory):
-    from tandem.lm.models import resolve_model
-
-    s = VLLMServer(resolve_model(MODEL), tmp_path_factory.mktemp("vllm-server"))
-    s.start()
+    s = VLLMServer(MODEL, log=tmp_path_factory.mktemp("vllm-server"), kv_cache_gb=1)
+    s.start(timeout=600)
     yield s
     s.stop()
 

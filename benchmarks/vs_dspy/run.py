@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -133,71 +132,6 @@ def versions(python: Path, mods: list[str]) -> dict:
 
 
 # -- the vLLM server (as tests/test_server_vllm.py's VLLMServer) -----------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """vLLM's OpenAI-compatible server of ``model_dir`` in its own process group, on 127.0.0.1."""
-
-    def __init__(self, model_dir: Path, log: Path, kv_cache_gb: int, block_size: int = 0) -> None:
-        self.model_dir, self.log, self.kv_cache_gb, self.block_size = model_dir, log, kv_cache_gb, block_size
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.start_s = None
-
-    def cmd(self) -> list[str]:
-        return [
-            str(TANDEM_PY), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
-            "--served-model-name", "smollm2-135m", "--host", "127.0.0.1", "--port", str(self.port),
-            "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0",
-            "--enable-prefix-caching", "--generation-config", "vllm",
-        ] + (["--block-size", str(self.block_size)] if self.block_size else [])
-
-    def start(self, timeout: float = 900) -> float:
-        import httpx
-
-        env = dict(os.environ)
-        n = os.cpu_count() or 1
-        env["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gb)  # as tandem's engine (kv_cache_gb=2)
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{n - 1}")
-        env["VLLM_LOGGING_LEVEL"] = "INFO"
-        env["VLLM_SERVER_DEV_MODE"] = "1"  # POST /reset_prefix_cache between rounds, as tandem resets its engine's
-        fh = open(self.log, "w")
-        t0 = time.monotonic()
-        self.proc = subprocess.Popen(self.cmd(), stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
-        fh.close()
-        while time.monotonic() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}; see {self.log}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    self.start_s = time.monotonic() - t0
-                    return self.start_s
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"vLLM server not healthy after {timeout} s; see {self.log}")
-
-    def stop(self) -> None:
-        p, self.proc = self.proc, None
-        if p is None or p.poll() is not None:
-            return
-        try:
-            os.killpg(p.pid, signal.SIGTERM)  # our own process group only
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait(timeout=30)
-        except ProcessLookupError:
-            pass
-
-
 # -- the run ---------------------------------------------------------------------------------
 def run_side(cmd: list, log: Path, env: dict | None = None, timeout: float = 3600) -> float:
     t0 = time.perf_counter()
@@ -288,9 +222,9 @@ def main() -> int:
                    help="DSPy's num_threads (default 24: the value DSPy's docs use for dspy.Evaluate and for "
                         "their optimizer examples; see docs/benchmarks.md)")
     p.add_argument("--kv-cache-gb", type=int, default=2, help="the server's VLLM_CPU_KVCACHE_SPACE (tandem's default)")
-    p.add_argument("--server-block-size", type=int, default=32,
-                   help="the server's KV block size (default 32, as tandem's in-process engine on CPU, so both "
-                        "sides get the same prefix caching; 0: vLLM's CPU default, 128)")
+    p.add_argument("--server-block-size", type=int, default=None,
+                   help="the server's KV block size (default: as tandem's in-process engine, 32 on CPU, so both "
+                        "sides get the same prefix caching; 0: vLLM's own default, 128 on CPU)")
     p.add_argument("--rounds", type=int, default=3,
                    help="prompt-step rounds per side, each from an empty prefix cache; the table shows the fastest "
                         "round's time (load from other jobs only ever slows a round down) and the mean accuracy")
@@ -355,10 +289,14 @@ def main() -> int:
         wait_for_memory(args.mem_gib, "vLLM server", waits, args.mem_wait)
         sampler.phase = "server start"
         print("vLLM server: starting ...", flush=True)
-        server = Server(model_dir, work / "server.log", args.kv_cache_gb, args.server_block_size)
-        res["prompt_step"]["server_start_s"] = round(server.start(), 1)
-        res["prompt_step"]["server_cmd"] = " ".join(server.cmd()[1:])
-        common = ["--data", data_path, "--api-base", f"{server.url}/v1", "--metrics-url", f"{server.url}/metrics",
+        from tandem.lm.vllm_server import VLLMServer
+
+        # As tandem's engine: its KV cache size, and its block size unless --server-block-size says otherwise.
+        server = VLLMServer(model_dir, log=work / "server.log", served_name="smollm2-135m", python=TANDEM_PY,
+                            kv_cache_gb=args.kv_cache_gb, block_size=args.server_block_size)
+        res["prompt_step"]["server_start_s"] = round(server.start(dev_mode=True), 1)  # dev: /reset_prefix_cache
+        res["prompt_step"]["server_cmd"] = " ".join(server.last_cmd[1:])
+        common = ["--data", data_path, "--api-base", server.url, "--metrics-url", f"{server.root}/metrics",
                   "--threads", args.dspy_threads]
         rounds = ["--rounds", args.rounds]
         sampler.phase = "dspy prompt step"
@@ -376,7 +314,7 @@ def main() -> int:
         # Any OpenAI-client call DSPy makes goes to the local server, never off the machine.
         run_side([DSPY_PY, HERE / "dspy_side.py", "finetune", *common, "--model-dir", model_dir, "--out", out],
                  work / "dspy_finetune.log",
-                 env={"OPENAI_BASE_URL": f"{server.url}/v1", "OPENAI_API_KEY": "local"}, timeout=1800)
+                 env={"OPENAI_BASE_URL": server.url, "OPENAI_API_KEY": "local"}, timeout=1800)
         res["weight_step"]["dspy_bootstrap_finetune"] = json.loads(out.read_text())
         server.stop()
         server = None
