@@ -85,6 +85,11 @@ class _Engine:
             self.engine = LLMEngine.from_engine_args(args)
             # The engine core and worker processes die with us, even on SIGKILL / OOM kill.
             self._watcher = reaper.watch(sorted(reaper.children() - before))
+            # At exit, multiprocessing's own atexit hook joins child processes, the
+            # engine's included, which only end once shut down: ours must run first.
+            # atexit runs the last registered first, so register again after vLLM.
+            atexit.unregister(shutdown_engines)
+            atexit.register(shutdown_engines)
         else:
             log.info("loading %s into the running vLLM engine of %s", model_dir, reuse.model_dir)
             self.engine, self._watcher = reuse.engine, reuse._watcher
