@@ -82,3 +82,46 @@ def test_reload_can_be_switched_off(table, tmp_path, monkeypatch):
     a = V._get_engine(checkpoint(tmp_path / "base"), {"o": 1})
     b = V._get_engine(checkpoint(tmp_path / "merged"), {"o": 1})
     assert b.reused_from is None and a._closed
+
+
+def test_a_request_that_reaches_a_closed_engine_is_sent_again(monkeypatch):
+    """A request queued on an engine that is then closed or handed on fails with EngineClosed;
+    VLLM sends it again to the engine that serves its weights now (at most twice)."""
+    from concurrent.futures import Future
+
+    from tandem.lm.base import LM, Completion
+
+    class Closed:
+        def submit(self, ids, params, lora):
+            f = Future()
+            f.set_exception(V.EngineClosed("closed"))
+            return f
+
+    class Working:
+        def submit(self, ids, params, lora):
+            f = Future()
+            f.set_result(Completion("ok", len(ids), 1))
+            return f
+
+    def make(engines):
+        lm = object.__new__(V.VLLM)
+        LM.__init__(lm, "test", cache=False)
+        lm.adapter, lm._lora_request = None, None
+        seq = iter(engines)
+        monkeypatch.setattr(lm, "engine", lambda: next(seq))
+        return lm
+
+    fut = Future()
+    make([Closed(), Closed(), Working()])._submit([1, 2], None, fut, None, retries=2)
+    assert fut.result(timeout=10).text == "ok"
+
+    fut = Future()
+    make([Closed(), Closed(), Closed()])._submit([1, 2], None, fut, None, retries=2)
+    with pytest.raises(V.EngineClosed):
+        fut.result(timeout=10)
+
+    monkeypatch.setattr(V, "_aborted", type("E", (), {"is_set": staticmethod(lambda: True)})())
+    fut = Future()
+    make([Closed(), Working()])._submit([1, 2], None, fut, None, retries=2)
+    with pytest.raises(V.EngineClosed):  # shutting down: no second try
+        fut.result(timeout=10)
