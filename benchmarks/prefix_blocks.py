@@ -21,7 +21,6 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -71,16 +70,14 @@ def main() -> int:
     os.environ["TANDEM_CACHE"] = "0"
     os.environ["TANDEM_MAX_ENGINES"] = str(len(args.blocks.split(",")))
 
-    from run import write_data  # noqa: E402 - benchmarks/vs_dspy: the comparison's data and split
+    from run import iris_rows  # noqa: E402 - benchmarks/vs_dspy: the comparison's data and split
     from tandem_side import diff, engine_counters, examples  # noqa: E402
 
     from tandem.lm.vllm import VLLM
     from tandem.optimize import RandomSearch
     from tandem.tasks.iris import IrisClassifier, iris_metric
 
-    with tempfile.TemporaryDirectory() as tmp:
-        write_data(Path(tmp) / "data.json")
-        data = json.loads((Path(tmp) / "data.json").read_text())
+    data = iris_rows()
     train, val = examples(data["prompt_train"]), examples(data["prompt_val"])
     blocks = [int(b) for b in args.blocks.split(",")]
     lms = {}

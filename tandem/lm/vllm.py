@@ -59,6 +59,11 @@ def _cpu_env(kv_cache_gb: int) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+#: KV block size on CPUs (vLLM's CPU default is 128; see VLLM.__init__). The
+#: OpenAI server that tandem.lm.vllm_server starts uses the same.
+CPU_BLOCK_SIZE = 32
+
+
 class EngineClosed(LMError):
     """The request reached an engine that was closed or handed on before it started;
     ``VLLM`` sends it again to the engine that now serves its weights."""
@@ -393,7 +398,7 @@ class VLLM(LM):
             # reused; 32 (the smallest size its CPU kernels are tuned for) cached
             # 84-87% of the prompt step's prompt tokens instead of ~72%, and took
             # 1.1-1.25x less time per LM call (benchmarks/prefix_blocks.py).
-            self.options["block_size"] = 32
+            self.options["block_size"] = CPU_BLOCK_SIZE
         self.options.update(engine_options)  # any vLLM engine argument, defaults above included
         if self.adapter_mode == "lora":
             self.options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)

@@ -54,11 +54,11 @@ class VLLMServer:
         self.served_name = served_name or Path(str(model)).name
         self.log_target = Path(log)
         self.kv_cache_gb = kv_cache_gb
-        from tandem.lm.vllm import _cuda_available
+        from tandem.lm.vllm import CPU_BLOCK_SIZE, _cuda_available
 
         self.gpu = _cuda_available()
-        # As the in-process engine: 32-token blocks on CPU (tandem/lm/vllm.py), vLLM's default on GPUs.
-        self.block_size = block_size if block_size is not None else (None if self.gpu else 32)
+        # As the in-process engine: its block size on CPU, vLLM's default on GPUs.
+        self.block_size = block_size if block_size is not None else (None if self.gpu else CPU_BLOCK_SIZE)
         self.python = str(python)
         self.extra_args = tuple(extra_args)
         self.port = free_port()
