@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+from concurrent.futures import Future
 
 import pytest
 
@@ -116,12 +118,37 @@ def test_failed_examples_are_resampled_with_seeds():
 
     prog = Mod3().set_lm(FakeLM(reply))
     one = bootstrap(prog, data(10), metric, attempts=1)
-    three = bootstrap(prog, data(10), metric, attempts=3)
+    three = bootstrap(prog, data(10), metric, attempts=3, speculative=False)
     assert len(one.passed) == 5 and len(three.passed) == 10
     assert sorted(r.attempt for r in three.passed) == [0] * 5 + [2] * 5
     resampled = [r for r in three.passed if r.attempt == 2]
     assert all("sampled" in r.entries[0].completion for r in resampled)
     assert three.usage.calls == 10 + 5 + 5
+
+
+def test_speculative_resamples_keep_the_same_runs_in_one_round():
+    calls: list[tuple[int, float]] = []
+    lock = threading.Lock()
+
+    def reply(text, params):
+        x = _x(text)
+        with lock:
+            calls.append((x, params.temperature))
+        if params.temperature > 0 and params.seed == 2:
+            return f" sampled\nY: {x % 3}"
+        return f" greedy\nY: {(x + 1) % 3 if x % 2 else x % 3}"
+
+    prog = Mod3().set_lm(FakeLM(reply))
+    after = bootstrap(prog, data(10), metric, attempts=3, speculative=False)
+    calls.clear()
+    spec = bootstrap(prog, data(10), metric, attempts=3, num_threads=30)  # 10 x 3 tries fit: speculates
+    assert [(r.example.x, r.attempt, r.entries[0].completion) for r in spec.passed] == \
+        [(r.example.x, r.attempt, r.entries[0].completion) for r in after.passed]
+    assert spec.usage.calls == 30  # every example's three tries, passing or not
+    assert sorted(calls) == sorted((x, t) for x in range(10) for t in (0.0, 0.7, 0.7))
+    calls.clear()
+    bootstrap(prog, data(10), metric, attempts=3, num_threads=29)  # they do not fit: re-samples only on failure
+    assert len(calls) == 20
 
 
 def test_resamples_run_together_and_the_lowest_passing_seed_wins():
@@ -131,7 +158,7 @@ def test_resamples_run_together_and_the_lowest_passing_seed_wins():
             return f" sampled {params.seed}\nY: {x % 3}"
         return f" greedy\nY: {(x + 1) % 3 if x % 2 else x % 3}"
 
-    boot = bootstrap(Mod3().set_lm(FakeLM(reply)), data(10), metric, attempts=3)
+    boot = bootstrap(Mod3().set_lm(FakeLM(reply)), data(10), metric, attempts=3, speculative=False)
     assert sorted(r.attempt for r in boot.passed) == [0] * 5 + [1] * 5
     assert all("sampled 1" in r.entries[0].completion for r in boot.passed if r.attempt)
     assert boot.usage.calls == 10 + 5 * 2  # the failed ones' two re-samples ran at once
@@ -150,6 +177,10 @@ def test_labeled_teacher_shows_other_examples_and_finds_traces_zero_shot_cannot(
         demos = teachers(i).solve.demos
         assert len(demos) == 3 and all(d["x"] != ex.x for d in demos)  # never its own label
         assert demos == teachers(i).solve.demos  # seeded: the same teacher every run
+    # one shared sample (less the example itself), so the engine caches one demo prefix
+    shown = [frozenset(d["x"] for d in teachers(i).solve.demos) for i in range(len(train))]
+    most = max(set(shown), key=shown.count)
+    assert len(set(shown)) == 4 and shown.count(most) == len(train) - 3  # the 3 shown get the 4th instead
     # the demos a candidate gets are the student's own traces, not the teacher's prompt
     student = fs.assemble(prog, boot, train)
     assert all(set(d) == {"x", "reasoning", "y"} for d in student.solve.demos)
@@ -163,14 +194,50 @@ def test_random_search_candidates_and_deterministic_choice():
     r2 = rs.compile(prog, trainset=data(10), valset=data(20, 10), seed=3)
     cands = r1.history[0].extra["candidates"]
     assert [c["candidate"] for c in cands][:3] == ["zero-shot", "labeled", "bootstrapped"]
-    assert len(cands) == 6
+    assert len(cands) == 9  # zero-shot, labelled, bootstrapped + 6 random (DSPy: num_candidate_programs=6)
     assert cands[0]["demos"] == [0] and all(c["demos"][0] <= 3 for c in cands)
     assert cands[0]["score"] == 0.0  # x >= 10 are wrong without demos
     assert r1.score == 100.0 and r1.program.solve.demos
     assert r1.program.dump_state() == r2.program.dump_state()
     assert prog.solve.demos == []  # the input program is untouched
-    boot_demo = r1.program.solve.demos[0]
+    # labelled demos come from the whole training set (they need no bootstrap), so
+    # that candidate scores too, and wins the tie as the earlier one
+    assert cands[1]["score"] == cands[2]["score"] == 100.0
+    assert r1.history[0].detail.startswith("chose labeled")
+    assert all(set(d) == {"x", "y"} for d in r1.program.solve.demos)
+    boot = rs.fewshot.run_bootstrap(prog, data(10))
+    boot_demo = rs.fewshot.assemble(prog, boot, data(10)).solve.demos[0]
     assert "reasoning" in boot_demo  # bootstrapped demos carry the model's own reasoning
+
+
+class ThreadedFakeLM(FakeLM):
+    """Each request answered in its own thread, so a reply may wait for another request."""
+
+    def submit(self, request):
+        fut = Future()
+        threading.Thread(target=lambda: fut.set_result(self._generate([request])[0]), daemon=True).start()
+        return fut
+
+
+def test_fixed_candidates_are_scored_while_the_bootstrap_runs():
+    gate = threading.Event()
+    waited: list[bool] = []  # per bootstrap call: did a validation call arrive while it waited?
+
+    def reply(text):
+        if _x(text) < 10:  # a bootstrap call (training x are 0-9)
+            waited.append(gate.wait(1))
+        else:
+            gate.set()
+        return base_reply(text)
+
+    out = RandomSearch(metric).compile(Mod3().set_lm(ThreadedFakeLM(reply)), trainset=data(10), valset=data(20, 10))
+    assert waited and all(waited)  # validation calls ran while the bootstrap was in flight
+    assert out.score == 100.0
+    gate.clear()
+    waited.clear()
+    RandomSearch(metric, overlap=False).compile(Mod3().set_lm(ThreadedFakeLM(reply)), trainset=data(10),
+                                                valset=data(20, 10))
+    assert waited and not any(waited)  # without overlap the bootstrap ran alone
 
 
 # -- the weight step ---------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 
 from tandem import ChainOfThought, InputField, Module, OutputField, ParseError, Predict, Signature, settings, trace
 from tandem.lm import FakeLM
-from tandem.program.render import parse_output
+from tandem.program.render import NOT_GIVEN, complete_demo, parse_output
 
 
 class QA(Signature):
@@ -61,6 +61,23 @@ def test_predict_renders_demos_and_parses():
     assert "Question: Capital of Italy?" in prompt and "Answer: Rome" in prompt
     assert prompt.index("Capital of Italy") < prompt.index("Capital of France")
     assert prompt.endswith("<|assistant|>Answer:")
+
+
+def test_a_labelled_demo_shows_the_reasoning_it_lacks_as_not_given():
+    lm = FakeLM("Reasoning: far north\nAnswer: Oslo")
+    cot = ChainOfThought(QA, lm=lm)
+    cot.demos = [
+        {"question": "Capital of Italy?", "answer": "Rome"},  # labelled: no reasoning
+        {"question": "Capital of Spain?", "reasoning": "it is Madrid", "answer": "Madrid"},  # bootstrapped
+    ]
+    assert cot(question="Capital of Norway?").answer == "Oslo"
+    prompt = lm.prompts[0]
+    # every demo reply has the format the model is asked to write: Reasoning first, then Answer
+    assert f"<|assistant|>Reasoning: {NOT_GIVEN}\nAnswer: Rome<|end|>" in prompt
+    assert "<|assistant|>Reasoning: it is Madrid\nAnswer: Madrid<|end|>" in prompt
+    assert cot.demos[0] == {"question": "Capital of Italy?", "answer": "Rome"}  # the demo itself is unchanged
+    # a demo with no output field at all is not made into one
+    assert complete_demo(cot.signature, {"question": "q"}) == {"question": "q"}
 
 
 def test_completion_rendering_for_base_models():

@@ -46,7 +46,7 @@ class RunConfig:
     sizes: tuple[int, int, int] | None = None  # train/dev/test; None: the task's (paper's) sizes
     prompt_train: int | None = None  # prompt step: bootstrap examples; None: the task's (paper's)
     prompt_val: int | None = None  # prompt step: candidate-selection examples
-    num_candidates: int = 6  # the paper's
+    num_candidates: int = 9  # the paper's: 3 fixed + 6 random candidate programs
     max_demos: int = 3  # the paper's
     threads: int = 64  # concurrent program runs: enough to keep the engine's batch full
     run_dir: str | None = None  # default: runs/<task>-<strategy>-s<seed>

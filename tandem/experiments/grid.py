@@ -8,7 +8,7 @@
     out = "runs/exp-iris"
 
     # Any `tandem optimize` setting applies to every run ...
-    num_candidates = 6
+    num_candidates = 9
     [lora]
     epochs = 5
 

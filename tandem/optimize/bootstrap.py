@@ -71,6 +71,7 @@ def bootstrap(
     temperature: float = 0.7,
     progress: Callable[[int, int], None] | None = None,
     teacher_for: Callable[[int], Module] | None = None,
+    speculative: bool | None = None,
 ) -> BootstrapResult:
     """Run ``program`` on each example concurrently and score it with the trace.
 
@@ -85,7 +86,17 @@ def bootstrap(
 
     ``teacher_for(i)``: the program to run on example ``i`` (default:
     ``program``), e.g. one with labelled demos of the other examples.
+
+    ``speculative``: issue an example's re-samples together with its greedy
+    try instead of after it fails: one round of LM latency instead of two,
+    for the price of re-samples that a greedy pass makes unneeded. The kept
+    run is the same either way (greedy if it passes, else the first passing
+    re-sample in seed order). Default: speculate when every try of every
+    example fits in ``num_threads`` at once (a small prompt-step training
+    set), where the engine would otherwise sit at a small batch.
     """
+    if speculative is None:
+        speculative = len(examples) * attempts <= num_threads
     runs: list[BootstrapRun | None] = [None] * len(examples)
     usage = Usage()
 
@@ -105,14 +116,22 @@ def bootstrap(
     def work(i: int) -> tuple[BootstrapRun, Usage]:
         spent = Usage()
         prog = teacher_for(i) if teacher_for is not None else program
-        run, u = attempt_run(prog, i, 0)
-        spent.merge(u)
-        if run.passed or attempts <= 1:
+        if attempts <= 1:
+            run, u = attempt_run(prog, i, 0)
+            spent.merge(u)
             return run, spent
+        if speculative:
+            first = 0  # greedy and re-samples at once
+        else:
+            run, u = attempt_run(prog, i, 0)
+            spent.merge(u)
+            if run.passed:
+                return run, spent
+            first = 1
         # The re-samples together: one round of latency instead of attempts - 1.
-        with ThreadPoolExecutor(max_workers=attempts - 1) as inner:
-            tries = list(inner.map(lambda a: attempt_run(prog, i, a), range(1, attempts)))
-        for r, u in tries:
+        with ThreadPoolExecutor(max_workers=attempts - first) as inner:
+            tries = list(inner.map(lambda a: attempt_run(prog, i, a), range(first, attempts)))
+        for _r, u in tries:
             spent.merge(u)
         passed = [r for r, _ in tries if r.passed]
         return (passed[0] if passed else tries[-1][0]), spent
@@ -162,14 +181,17 @@ class BootstrapFewShot:
         num_threads: int = 64,
         attempts: int = 3,
         labeled_teacher: bool = True,
+        speculative: bool | None = None,
     ) -> None:
         self.metric = metric
+        self.speculative = speculative  # see bootstrap(); None: decide by size
         self.attempts = attempts
         # As DSPy's BootstrapFewShot: without an explicit teacher, the program
         # runs on each training example with up to max_labeled_demos labelled
         # demos of *other* examples, so a model that cannot follow the format
         # zero-shot still produces passing traces, of more than one class.
         self.labeled_teacher = labeled_teacher
+        self.teacher_demos = "shared"  # or "per_example" (benchmarks/prompt_step.py compares them)
         self.max_bootstrapped_demos = max_bootstrapped_demos
         self.max_labeled_demos = max_labeled_demos
         self.teacher = teacher
@@ -181,15 +203,28 @@ class BootstrapFewShot:
         if self.teacher is None and self.labeled_teacher and self.max_labeled_demos > 0 and len(trainset) > 1:
             teacher_for = self._labeled_teachers(program, trainset)
         return bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
-                         progress=progress, teacher_for=teacher_for)
+                         progress=progress, teacher_for=teacher_for, speculative=self.speculative)
 
     def _labeled_teachers(self, program: Module, trainset: list[Example]) -> Callable[[int], Module]:
-        """Example i's teacher: the program with labelled demos of up to k other examples
-        (a seeded sample per example, so reruns are identical and hit the call cache)."""
+        """Example i's teacher: the program with labelled demos of up to k *other* examples.
+
+        Every teacher shows the same k examples (the first k of one seeded
+        order of the training set), except that an example never sees its own
+        label: it gets the next one in that order instead. One shared demo
+        prefix lets the engine compute it once and cache it for every teacher
+        call (DSPy's teacher likewise shows one labelled sample, less the
+        example itself); a fresh sample per example made each prompt new.
+        """
+        order = list(range(len(trainset)))
+        random.Random(0).shuffle(order)
+
         def teacher_for(i: int) -> Module:
             t = program.reset_copy()
-            others = [ex for j, ex in enumerate(trainset) if j != i]
-            random.Random(i).shuffle(others)
+            if self.teacher_demos == "per_example":  # sessions 1-3: a fresh sample for each example
+                others = [ex for j, ex in enumerate(trainset) if j != i]
+                random.Random(i).shuffle(others)
+            else:
+                others = [trainset[j] for j in order if j != i]
             for _name, pred in t.named_predictors():
                 pred.demos = self._top_up([], pred, others)
             return t

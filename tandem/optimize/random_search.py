@@ -1,31 +1,39 @@
 """The prompt step ``p``: bootstrapped few-shot with random search.
 
-Candidates, as in the paper (6 by default, at most 3 demos per module):
+Candidates, as in the paper (at most 3 demos per module, 9 candidates by
+default: the paper's 6 random candidate programs after the three fixed ones,
+which is what DSPy's ``num_candidate_programs=6`` scores):
 
 0. zero-shot (no demos);
-1. labelled demos only;
+1. labelled demos only (a seeded sample of the whole training set);
 2. bootstrapped demos, in training order;
 3+. seeded random subsets and orders of the bootstrapped demos, each with a
     random number of demos between 1 and the maximum.
 
-The teacher runs once over the training set; every candidate is assembled
-from that one bootstrap. All candidates are then evaluated on the validation
-set at the same time, so the engine sees one large batch whose demo prefixes
-it caches. The best score wins; ties go to the earlier candidate, so the
-choice is deterministic.
+``num_candidates`` counts all of them; sessions 1-3 used 6 (3 random), a
+smaller search than the paper's.
+
+The teacher runs once over the training set; every bootstrapped candidate
+is assembled from that one bootstrap. Zero-shot and labelled-only candidates
+need no bootstrap, so they are scored while it runs (the bootstrap alone
+keeps the engine at a small batch); the others are scored, all at once, as
+soon as it ends, so the engine sees one large batch whose demo prefixes it
+caches. The best score wins; ties go to the earlier candidate, so the choice
+is deterministic.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 from tandem.evaluate.evaluate import EvalResult, Metric, evaluate
 from tandem.lm.base import Usage
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
-from tandem.optimize.bootstrap import BootstrapFewShot
+from tandem.optimize.bootstrap import BootstrapFewShot, BootstrapResult
 from tandem.program.example import Example
 from tandem.program.module import Module
 
@@ -37,12 +45,14 @@ class RandomSearch:
         self,
         metric: Metric,
         *,
-        num_candidates: int = 6,  # the paper's 6 candidate programs
+        num_candidates: int = 9,  # zero-shot, labelled, bootstrapped + the paper's 6 random candidates
         max_demos: int = 3,  # the paper's at most 3 demos per module
         max_labeled_demos: int | None = None,
         teacher: Module | None = None,
         num_threads: int = 64,
         attempts: int = 3,  # greedy, then 2 re-samples of each failed training example
+        overlap: bool = True,  # score zero-shot and labelled candidates while the bootstrap runs
+        speculative: bool | None = None,  # see bootstrap()
     ) -> None:
         if num_candidates < 1:
             raise ValueError("num_candidates must be at least 1")
@@ -52,14 +62,20 @@ class RandomSearch:
         self.fewshot = BootstrapFewShot(
             metric, max_bootstrapped_demos=max_demos,
             max_labeled_demos=max_demos if max_labeled_demos is None else max_labeled_demos,
-            teacher=teacher, num_threads=num_threads, attempts=attempts,
+            teacher=teacher, num_threads=num_threads, attempts=attempts, speculative=speculative,
         )
+        self.overlap = overlap
         self.num_threads = num_threads
 
-    def candidates(self, program: Module, boot, trainset: list[Example], seed: int) -> list[tuple[str, Module]]:
+    def fixed_candidates(self, program: Module, trainset: list[Example], seed: int) -> list[tuple[str, Module]]:
+        """The candidates that need no bootstrap: zero-shot, and labelled demos only."""
         out: list[tuple[str, Module]] = [("zero-shot", program.reset_copy())]
         labeled = BootstrapFewShot(self.metric, max_bootstrapped_demos=0, max_labeled_demos=self.max_demos)
-        out.append(("labeled", labeled.assemble(program, boot, trainset, random.Random(seed))))
+        out.append(("labeled", labeled.assemble(program, BootstrapResult([], Usage()), trainset, random.Random(seed))))
+        return out[: self.num_candidates]
+
+    def candidates(self, program: Module, boot, trainset: list[Example], seed: int) -> list[tuple[str, Module]]:
+        out = self.fixed_candidates(program, trainset, seed)
         out.append(("bootstrapped", self.fewshot.assemble(program, boot, trainset)))
         for i in range(3, self.num_candidates):
             rng = random.Random(seed * 1000 + i)
@@ -74,24 +90,30 @@ class RandomSearch:
         check_dataset("trainset", trainset)
         check_dataset("valset", valset)
         start = time.perf_counter()
-        boot = self.fewshot.run_bootstrap(
-            program, trainset, progress=(lambda d, t: progress("bootstrap", d, t)) if progress else None
-        )
-        cands = self.candidates(program, boot, trainset, seed)
-        total = len(cands) * len(valset)
+        total = self.num_candidates * len(valset)
         done = [0]
+        lock = threading.Lock()
 
         def tick(_d: int, _t: int) -> None:
-            done[0] += 1
+            with lock:
+                done[0] += 1
+                n = done[0]
             if progress:
-                progress("candidates", done[0], total)
+                progress("candidates", n, total)
 
         def score(c: tuple[str, Module]) -> EvalResult:
             return evaluate(c[1], valset, self.metric, num_threads=self.num_threads, progress=tick)
 
         # Candidates run side by side: the engine batches all of them together.
-        with ThreadPoolExecutor(max_workers=len(cands)) as pool:
-            results = list(pool.map(score, cands))
+        fixed = self.fixed_candidates(program, trainset, seed)
+        with ThreadPoolExecutor(max_workers=self.num_candidates) as pool:
+            early = [pool.submit(score, c) for c in fixed] if self.overlap else []  # while the bootstrap runs
+            boot = self.fewshot.run_bootstrap(
+                program, trainset, progress=(lambda d, t: progress("bootstrap", d, t)) if progress else None
+            )
+            cands = self.candidates(program, boot, trainset, seed)
+            late = [pool.submit(score, c) for c in cands[len(early):]]
+            results = [f.result() for f in early + late]
         best = max(range(len(cands)), key=lambda i: (results[i].score, -i))
         usage = Usage()
         usage.merge(boot.usage)

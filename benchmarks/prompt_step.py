@@ -1,0 +1,163 @@
+"""Scheduling the prompt step: which work runs side by side with the bootstrap.
+
+    .venv/bin/python benchmarks/prompt_step.py                    # 4 rounds of each variant
+    .venv/bin/python benchmarks/prompt_step.py --variants before,after --rounds 6
+
+Iris's prompt step (RandomSearch, at most 3 demos, on the 15 / 35 split of
+benchmarks/vs_dspy) on one in-process engine, in these variants:
+
+    before       bootstrap (greedy try, then re-samples of the failures), then
+                 every candidate scored at once; the labelled teacher shows each
+                 example its own sample of labelled demos; a labelled demo's
+                 reply leaves out the reasoning it does not have (sessions 1-3)
+    not_given    before, but a labelled demo shows its missing reasoning as
+                 "Not given for this example." (tandem.program.render.NOT_GIVEN)
+    shared       not_given, and every teacher shows the same labelled demos
+                 (less the example itself), so their prefix is cached
+    overlap      shared, and zero-shot and labelled candidates scored while
+                 the bootstrap runs
+    speculative  shared, and each example's re-samples issued with its greedy try
+    after        shared + overlap + speculative (the default now)
+
+The variants take turns round by round, the order rotating each round, so
+load from other jobs hits all alike. Each round starts from an empty prefix
+cache; the call cache is off. The chosen program can differ between variants
+only through the labelled candidate (its demos are now drawn from the whole
+training set). Prints a table and writes benchmarks/results/prompt_step.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks" / "vs_dspy"))
+
+BEFORE = {"overlap": False, "speculative": False, "teacher_demos": "per_example", "not_given": False}
+VARIANTS = {  # RandomSearch arguments, the labelled teacher's demos, and how demos are rendered
+    "before": BEFORE,
+    "not_given": {**BEFORE, "not_given": True},
+    "shared": {**BEFORE, "not_given": True, "teacher_demos": "shared"},
+    "overlap": {**BEFORE, "not_given": True, "teacher_demos": "shared", "overlap": True},
+    "speculative": {**BEFORE, "not_given": True, "teacher_demos": "shared", "speculative": True},
+    "after": {"overlap": True, "speculative": None, "teacher_demos": "shared", "not_given": True},
+}
+
+
+def summarize(rounds: list[dict], names: list[str]) -> list[dict]:
+    summary = []
+    for n in names:
+        rs = [x for x in rounds if x["variant"] == n]
+        summary.append({
+            "variant": n, "rounds": len(rs),
+            "wall_s_median": round(statistics.median(x["wall_s"] for x in rs), 2),
+            "wall_s_all": [x["wall_s"] for x in rs],
+            "bootstrap_s_median": round(statistics.median(x["bootstrap_s"] for x in rs), 2),
+            "calls_median": statistics.median(x["calls"] for x in rs),
+            "output_tokens_median": statistics.median(x["output_tokens"] for x in rs),
+            "val_median": round(statistics.median(x["val"] for x in rs), 2),
+        })
+    ref = summary[0]
+    print("\n| variant | rounds | wall s: median (all) | bootstrap s | x faster | LM calls | output tokens | val % |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
+    for s in summary:
+        print(f"| {s['variant']} | {s['rounds']} | {s['wall_s_median']} ({', '.join(map(str, s['wall_s_all']))}) "
+              f"| {s['bootstrap_s_median']} | {ref['wall_s_median'] / s['wall_s_median']:.2f} | {s['calls_median']:.0f} "
+              f"| {s['output_tokens_median']:.0f} | {s['val_median']} |")
+    return summary
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--num-candidates", type=int, default=None, help="RandomSearch's num_candidates (default: its own)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompt_step.json")
+    p.add_argument("--summarize", action="store_true", help="recompute the summary of --out from its rounds")
+    args = p.parse_args()
+    names = args.variants.split(",")
+    if args.summarize:
+        doc = json.loads(args.out.read_text())
+        doc["summary"] = summarize(doc["rounds"], [s["variant"] for s in doc["summary"]])
+        args.out.write_text(json.dumps(doc, indent=1))
+        return 0
+    os.environ["TANDEM_CACHE"] = "0"
+
+    from run import iris_rows  # noqa: E402 - benchmarks/vs_dspy: the comparison's data and split
+    from tandem_side import examples  # noqa: E402
+
+    from tandem.lm.vllm import VLLM
+    from tandem.optimize import RandomSearch
+    from tandem.program import render
+    from tandem.program.render import complete_demo
+    from tandem.tasks.iris import IrisClassifier, iris_metric
+
+    data = iris_rows()
+    train, val = examples(data["prompt_train"]), examples(data["prompt_val"])
+    lm = VLLM("smollm2-135m", cache=False)
+    t0 = time.perf_counter()
+    lm.start()
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    kw = {} if args.num_candidates is None else {"num_candidates": args.num_candidates}
+
+    rounds = []
+    for r in range(args.rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            time.sleep(0.1)  # the engine's loop thread goes idle once the last future is set
+            lm.engine().engine.reset_prefix_cache()
+            v = dict(VARIANTS[n])
+            teacher_demos = v.pop("teacher_demos")
+            # measurement only: sessions 1-3 rendered a demo's fields as they were
+            render.complete_demo = complete_demo if v.pop("not_given") else (lambda _sig, demo: demo)
+            rs = RandomSearch(iris_metric, **v, **kw)
+            rs.fewshot.teacher_demos = teacher_demos
+            phases = {}
+            run_bootstrap = rs.fewshot.run_bootstrap
+
+            def timed(*a, _run=run_bootstrap, _phases=phases, **k):  # measurement only: the same call
+                t = time.perf_counter()
+                try:
+                    return _run(*a, **k)
+                finally:
+                    _phases["bootstrap_s"] = round(time.perf_counter() - t, 2)
+
+            rs.fewshot.run_bootstrap = timed
+            load = os.getloadavg()[0]
+            t0 = time.perf_counter()
+            res = rs.compile(IrisClassifier().set_lm(lm), trainset=train, valset=val, seed=0)
+            wall = time.perf_counter() - t0
+            u = res.history[0].usage
+            rec = {"variant": n, "round": r + 1, "wall_s": round(wall, 2), **phases, "calls": u["calls"],
+                   "prompt_tokens": u["prompt_tokens"], "output_tokens": u["output_tokens"],
+                   "val": round(res.score, 2), "chosen": res.history[0].detail,
+                   "candidates": res.history[0].extra["candidates"], "load_1min": round(load, 2)}
+            rounds.append(rec)
+            print(json.dumps({k: v for k, v in rec.items() if k != "candidates"}), flush=True)
+
+    summary = summarize(rounds, names)
+    args.out.write_text(json.dumps({
+        "summary": summary, "rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+        "settings": {"task": "iris prompt step, 15 / 35 (benchmarks/vs_dspy split)", "call_cache": "off",
+                     "variants": {n: VARIANTS[n] for n in names}, "num_candidates": rs.num_candidates,
+                     "engine": {k: str(v) for k, v in lm.options.items()}},
+    }, indent=1))
+    print(f"\nwritten {args.out}")
+    from tandem.lm.vllm import shutdown_engines
+
+    shutdown_engines()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
