@@ -1,23 +1,24 @@
-"""Scheduling the prompt step: which work runs side by side with the bootstrap.
+"""The prompt step's changes of session 4, each against the one before.
 
     .venv/bin/python benchmarks/prompt_step.py                    # 4 rounds of each variant
-    .venv/bin/python benchmarks/prompt_step.py --variants before,after --rounds 6
+    .venv/bin/python benchmarks/prompt_step.py --rounds 6 --num-candidates 6
 
 Iris's prompt step (RandomSearch, at most 3 demos, on the 15 / 35 split of
 benchmarks/vs_dspy) on one in-process engine, in these variants:
 
-    before       bootstrap (greedy try, then re-samples of the failures), then
-                 every candidate scored at once; the labelled teacher shows each
-                 example its own sample of labelled demos; a labelled demo's
-                 reply leaves out the reasoning it does not have (sessions 1-3)
+    before       the labelled teacher shows each example its own sample of
+                 labelled demos, and a labelled demo's reply leaves out the
+                 reasoning it does not have (sessions 1-3)
     not_given    before, but a labelled demo shows its missing reasoning as
                  "Not given for this example." (tandem.program.render.NOT_GIVEN)
-    shared       not_given, and every teacher shows the same labelled demos
-                 (less the example itself), so their prefix is cached
-    overlap      shared, and zero-shot and labelled candidates scored while
-                 the bootstrap runs
-    speculative  shared, and each example's re-samples issued with its greedy try
-    after        shared + overlap + speculative (the default now)
+    after        not_given, and every teacher shows the same labelled demos
+                 (less the example itself), so the engine caches their prefix
+                 (the default now)
+
+Two more, scoring the zero-shot and labelled candidates while the bootstrap
+runs and issuing re-samples with the greedy try, gained nothing and were
+removed; benchmarks/results/prompt_step_scheduling.json has that run (made
+with this script at commit f6dd344).
 
 The variants take turns round by round, the order rotating each round, so
 load from other jobs hits all alike. Each round starts from an empty prefix
@@ -42,14 +43,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "vs_dspy"))
 
-BEFORE = {"overlap": False, "speculative": False, "teacher_demos": "per_example", "not_given": False}
-VARIANTS = {  # RandomSearch arguments, the labelled teacher's demos, and how demos are rendered
-    "before": BEFORE,
-    "not_given": {**BEFORE, "not_given": True},
-    "shared": {**BEFORE, "not_given": True, "teacher_demos": "shared"},
-    "overlap": {**BEFORE, "not_given": True, "teacher_demos": "shared", "overlap": True},
-    "speculative": {**BEFORE, "not_given": True, "teacher_demos": "shared", "speculative": True},
-    "after": {"overlap": True, "speculative": None, "teacher_demos": "shared", "not_given": True},
+VARIANTS = {  # the labelled teacher's demos, and how a demo's missing fields are rendered
+    "before": {"teacher_demos": "per_example", "not_given": False},
+    "not_given": {"teacher_demos": "per_example", "not_given": True},
+    "after": {"teacher_demos": "shared", "not_given": True},
 }
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import re
 import threading
-from concurrent.futures import Future
 
 import pytest
 
@@ -118,37 +117,12 @@ def test_failed_examples_are_resampled_with_seeds():
 
     prog = Mod3().set_lm(FakeLM(reply))
     one = bootstrap(prog, data(10), metric, attempts=1)
-    three = bootstrap(prog, data(10), metric, attempts=3, speculative=False)
+    three = bootstrap(prog, data(10), metric, attempts=3)
     assert len(one.passed) == 5 and len(three.passed) == 10
     assert sorted(r.attempt for r in three.passed) == [0] * 5 + [2] * 5
     resampled = [r for r in three.passed if r.attempt == 2]
     assert all("sampled" in r.entries[0].completion for r in resampled)
     assert three.usage.calls == 10 + 5 + 5
-
-
-def test_speculative_resamples_keep_the_same_runs_in_one_round():
-    calls: list[tuple[int, float]] = []
-    lock = threading.Lock()
-
-    def reply(text, params):
-        x = _x(text)
-        with lock:
-            calls.append((x, params.temperature))
-        if params.temperature > 0 and params.seed == 2:
-            return f" sampled\nY: {x % 3}"
-        return f" greedy\nY: {(x + 1) % 3 if x % 2 else x % 3}"
-
-    prog = Mod3().set_lm(FakeLM(reply))
-    after = bootstrap(prog, data(10), metric, attempts=3, speculative=False)
-    calls.clear()
-    spec = bootstrap(prog, data(10), metric, attempts=3, num_threads=30)  # 10 x 3 tries fit: speculates
-    assert [(r.example.x, r.attempt, r.entries[0].completion) for r in spec.passed] == \
-        [(r.example.x, r.attempt, r.entries[0].completion) for r in after.passed]
-    assert spec.usage.calls == 30  # every example's three tries, passing or not
-    assert sorted(calls) == sorted((x, t) for x in range(10) for t in (0.0, 0.7, 0.7))
-    calls.clear()
-    bootstrap(prog, data(10), metric, attempts=3, num_threads=29)  # they do not fit: re-samples only on failure
-    assert len(calls) == 20
 
 
 def test_resamples_run_together_and_the_lowest_passing_seed_wins():
@@ -158,7 +132,7 @@ def test_resamples_run_together_and_the_lowest_passing_seed_wins():
             return f" sampled {params.seed}\nY: {x % 3}"
         return f" greedy\nY: {(x + 1) % 3 if x % 2 else x % 3}"
 
-    boot = bootstrap(Mod3().set_lm(FakeLM(reply)), data(10), metric, attempts=3, speculative=False)
+    boot = bootstrap(Mod3().set_lm(FakeLM(reply)), data(10), metric, attempts=3)
     assert sorted(r.attempt for r in boot.passed) == [0] * 5 + [1] * 5
     assert all("sampled 1" in r.entries[0].completion for r in boot.passed if r.attempt)
     assert boot.usage.calls == 10 + 5 * 2  # the failed ones' two re-samples ran at once
@@ -208,36 +182,6 @@ def test_random_search_candidates_and_deterministic_choice():
     boot = rs.fewshot.run_bootstrap(prog, data(10))
     boot_demo = rs.fewshot.assemble(prog, boot, data(10)).solve.demos[0]
     assert "reasoning" in boot_demo  # bootstrapped demos carry the model's own reasoning
-
-
-class ThreadedFakeLM(FakeLM):
-    """Each request answered in its own thread, so a reply may wait for another request."""
-
-    def submit(self, request):
-        fut = Future()
-        threading.Thread(target=lambda: fut.set_result(self._generate([request])[0]), daemon=True).start()
-        return fut
-
-
-def test_fixed_candidates_are_scored_while_the_bootstrap_runs():
-    gate = threading.Event()
-    waited: list[bool] = []  # per bootstrap call: did a validation call arrive while it waited?
-
-    def reply(text):
-        if _x(text) < 10:  # a bootstrap call (training x are 0-9)
-            waited.append(gate.wait(1))
-        else:
-            gate.set()
-        return base_reply(text)
-
-    out = RandomSearch(metric).compile(Mod3().set_lm(ThreadedFakeLM(reply)), trainset=data(10), valset=data(20, 10))
-    assert waited and all(waited)  # validation calls ran while the bootstrap was in flight
-    assert out.score == 100.0
-    gate.clear()
-    waited.clear()
-    RandomSearch(metric, overlap=False).compile(Mod3().set_lm(ThreadedFakeLM(reply)), trainset=data(10),
-                                                valset=data(20, 10))
-    assert waited and not any(waited)  # without overlap the bootstrap ran alone
 
 
 # -- the weight step ---------------------------------------------------------------------------

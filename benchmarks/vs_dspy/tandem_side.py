@@ -74,7 +74,7 @@ def prompt_step(args) -> dict:
         # Each round starts from an empty prefix cache, as the first did (the server side does the same).
         time.sleep(0.1)  # the engine's loop thread goes idle once the last future is set
         lm.engine().engine.reset_prefix_cache()
-        rs = RandomSearch(iris_metric)  # the paper's 6 candidates, at most 3 demos; 64 threads, 3 attempts
+        rs = RandomSearch(iris_metric)  # defaults: 9 candidates (the paper's 6 random + 3 fixed), at most 3 demos
         phases: dict = {}
         run_bootstrap = rs.fewshot.run_bootstrap
 

@@ -71,7 +71,6 @@ def bootstrap(
     temperature: float = 0.7,
     progress: Callable[[int, int], None] | None = None,
     teacher_for: Callable[[int], Module] | None = None,
-    speculative: bool | None = None,
 ) -> BootstrapResult:
     """Run ``program`` on each example concurrently and score it with the trace.
 
@@ -86,17 +85,7 @@ def bootstrap(
 
     ``teacher_for(i)``: the program to run on example ``i`` (default:
     ``program``), e.g. one with labelled demos of the other examples.
-
-    ``speculative``: issue an example's re-samples together with its greedy
-    try instead of after it fails: one round of LM latency instead of two,
-    for the price of re-samples that a greedy pass makes unneeded. The kept
-    run is the same either way (greedy if it passes, else the first passing
-    re-sample in seed order). Default: speculate when every try of every
-    example fits in ``num_threads`` at once (a small prompt-step training
-    set), where the engine would otherwise sit at a small batch.
     """
-    if speculative is None:
-        speculative = len(examples) * attempts <= num_threads
     runs: list[BootstrapRun | None] = [None] * len(examples)
     usage = Usage()
 
@@ -116,21 +105,15 @@ def bootstrap(
     def work(i: int) -> tuple[BootstrapRun, Usage]:
         spent = Usage()
         prog = teacher_for(i) if teacher_for is not None else program
-        if attempts <= 1:
-            run, u = attempt_run(prog, i, 0)
-            spent.merge(u)
+        run, u = attempt_run(prog, i, 0)
+        spent.merge(u)
+        if run.passed or attempts <= 1:
             return run, spent
-        if speculative:
-            first = 0  # greedy and re-samples at once
-        else:
-            run, u = attempt_run(prog, i, 0)
-            spent.merge(u)
-            if run.passed:
-                return run, spent
-            first = 1
         # The re-samples together: one round of latency instead of attempts - 1.
-        with ThreadPoolExecutor(max_workers=attempts - first) as inner:
-            tries = list(inner.map(lambda a: attempt_run(prog, i, a), range(first, attempts)))
+        # (Issuing them with the greedy try, before it fails, gained nothing:
+        # benchmarks/results/prompt_step_scheduling.json.)
+        with ThreadPoolExecutor(max_workers=attempts - 1) as inner:
+            tries = list(inner.map(lambda a: attempt_run(prog, i, a), range(1, attempts)))
         for _r, u in tries:
             spent.merge(u)
         passed = [r for r, _ in tries if r.passed]
@@ -181,10 +164,8 @@ class BootstrapFewShot:
         num_threads: int = 64,
         attempts: int = 3,
         labeled_teacher: bool = True,
-        speculative: bool | None = None,
     ) -> None:
         self.metric = metric
-        self.speculative = speculative  # see bootstrap(); None: decide by size
         self.attempts = attempts
         # As DSPy's BootstrapFewShot: without an explicit teacher, the program
         # runs on each training example with up to max_labeled_demos labelled
@@ -203,7 +184,7 @@ class BootstrapFewShot:
         if self.teacher is None and self.labeled_teacher and self.max_labeled_demos > 0 and len(trainset) > 1:
             teacher_for = self._labeled_teachers(program, trainset)
         return bootstrap(teacher, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
-                         progress=progress, teacher_for=teacher_for, speculative=self.speculative)
+                         progress=progress, teacher_for=teacher_for)
 
     def _labeled_teachers(self, program: Module, trainset: list[Example]) -> Callable[[int], Module]:
         """Example i's teacher: the program with labelled demos of up to k *other* examples.

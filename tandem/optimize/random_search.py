@@ -13,13 +13,13 @@ which is what DSPy's ``num_candidate_programs=6`` scores):
 ``num_candidates`` counts all of them; sessions 1-3 used 6 (3 random), a
 smaller search than the paper's.
 
-The teacher runs once over the training set; every bootstrapped candidate
-is assembled from that one bootstrap. Zero-shot and labelled-only candidates
-need no bootstrap, so they are scored while it runs (the bootstrap alone
-keeps the engine at a small batch); the others are scored, all at once, as
-soon as it ends, so the engine sees one large batch whose demo prefixes it
-caches. The best score wins; ties go to the earlier candidate, so the choice
-is deterministic.
+The teacher runs once over the training set; every candidate is assembled
+from that one bootstrap. All candidates are then evaluated on the validation
+set at the same time, so the engine sees one large batch whose demo prefixes
+it caches. (Scoring zero-shot and labelled candidates while the bootstrap
+runs gained nothing: benchmarks/results/prompt_step_scheduling.json.) The
+best score wins; ties go to the earlier candidate, so the choice is
+deterministic.
 """
 
 from __future__ import annotations
@@ -51,8 +51,6 @@ class RandomSearch:
         teacher: Module | None = None,
         num_threads: int = 64,
         attempts: int = 3,  # greedy, then 2 re-samples of each failed training example
-        overlap: bool = True,  # score zero-shot and labelled candidates while the bootstrap runs
-        speculative: bool | None = None,  # see bootstrap()
     ) -> None:
         if num_candidates < 1:
             raise ValueError("num_candidates must be at least 1")
@@ -62,20 +60,15 @@ class RandomSearch:
         self.fewshot = BootstrapFewShot(
             metric, max_bootstrapped_demos=max_demos,
             max_labeled_demos=max_demos if max_labeled_demos is None else max_labeled_demos,
-            teacher=teacher, num_threads=num_threads, attempts=attempts, speculative=speculative,
+            teacher=teacher, num_threads=num_threads, attempts=attempts,
         )
-        self.overlap = overlap
         self.num_threads = num_threads
 
-    def fixed_candidates(self, program: Module, trainset: list[Example], seed: int) -> list[tuple[str, Module]]:
-        """The candidates that need no bootstrap: zero-shot, and labelled demos only."""
+    def candidates(self, program: Module, boot, trainset: list[Example], seed: int) -> list[tuple[str, Module]]:
         out: list[tuple[str, Module]] = [("zero-shot", program.reset_copy())]
+        # Labelled demos: a seeded sample of the whole training set, as DSPy's LabeledFewShot.
         labeled = BootstrapFewShot(self.metric, max_bootstrapped_demos=0, max_labeled_demos=self.max_demos)
         out.append(("labeled", labeled.assemble(program, BootstrapResult([], Usage()), trainset, random.Random(seed))))
-        return out[: self.num_candidates]
-
-    def candidates(self, program: Module, boot, trainset: list[Example], seed: int) -> list[tuple[str, Module]]:
-        out = self.fixed_candidates(program, trainset, seed)
         out.append(("bootstrapped", self.fewshot.assemble(program, boot, trainset)))
         for i in range(3, self.num_candidates):
             rng = random.Random(seed * 1000 + i)
@@ -90,7 +83,11 @@ class RandomSearch:
         check_dataset("trainset", trainset)
         check_dataset("valset", valset)
         start = time.perf_counter()
-        total = self.num_candidates * len(valset)
+        boot = self.fewshot.run_bootstrap(
+            program, trainset, progress=(lambda d, t: progress("bootstrap", d, t)) if progress else None
+        )
+        cands = self.candidates(program, boot, trainset, seed)
+        total = len(cands) * len(valset)
         done = [0]
         lock = threading.Lock()
 
@@ -105,15 +102,8 @@ class RandomSearch:
             return evaluate(c[1], valset, self.metric, num_threads=self.num_threads, progress=tick)
 
         # Candidates run side by side: the engine batches all of them together.
-        fixed = self.fixed_candidates(program, trainset, seed)
-        with ThreadPoolExecutor(max_workers=self.num_candidates) as pool:
-            early = [pool.submit(score, c) for c in fixed] if self.overlap else []  # while the bootstrap runs
-            boot = self.fewshot.run_bootstrap(
-                program, trainset, progress=(lambda d, t: progress("bootstrap", d, t)) if progress else None
-            )
-            cands = self.candidates(program, boot, trainset, seed)
-            late = [pool.submit(score, c) for c in cands[len(early):]]
-            results = [f.result() for f in early + late]
+        with ThreadPoolExecutor(max_workers=len(cands)) as pool:
+            results = list(pool.map(score, cands))
         best = max(range(len(cands)), key=lambda i: (results[i].score, -i))
         usage = Usage()
         usage.merge(boot.usage)
