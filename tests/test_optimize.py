@@ -151,10 +151,13 @@ def test_labeled_teacher_shows_other_examples_and_finds_traces_zero_shot_cannot(
         demos = teachers(i).solve.demos
         assert len(demos) == 3 and all(d["x"] != ex.x for d in demos)  # never its own label
         assert demos == teachers(i).solve.demos  # seeded: the same teacher every run
-    # one shared sample (less the example itself), so the engine caches one demo prefix
+    # "shared": one sample (less the example itself), so the engine caches one demo prefix
+    fs.teacher_demos = "shared"
+    teachers = fs._labeled_teachers(prog, train)
     shown = [frozenset(d["x"] for d in teachers(i).solve.demos) for i in range(len(train))]
     most = max(set(shown), key=shown.count)
     assert len(set(shown)) == 4 and shown.count(most) == len(train) - 3  # the 3 shown get the 4th instead
+    assert all(ex.x not in shown[i] for i, ex in enumerate(train))
     # the demos a candidate gets are the student's own traces, not the teacher's prompt
     student = fs.assemble(prog, boot, train)
     assert all(set(d) == {"x", "reasoning", "y"} for d in student.solve.demos)

@@ -172,7 +172,7 @@ class BootstrapFewShot:
         # demos of *other* examples, so a model that cannot follow the format
         # zero-shot still produces passing traces, of more than one class.
         self.labeled_teacher = labeled_teacher
-        self.teacher_demos = "shared"  # or "per_example" (benchmarks/prompt_step.py compares them)
+        self.teacher_demos = "per_example"  # or "shared": see _labeled_teachers
         self.max_bootstrapped_demos = max_bootstrapped_demos
         self.max_labeled_demos = max_labeled_demos
         self.teacher = teacher
@@ -189,23 +189,25 @@ class BootstrapFewShot:
     def _labeled_teachers(self, program: Module, trainset: list[Example]) -> Callable[[int], Module]:
         """Example i's teacher: the program with labelled demos of up to k *other* examples.
 
-        Every teacher shows the same k examples (the first k of one seeded
-        order of the training set), except that an example never sees its own
-        label: it gets the next one in that order instead. One shared demo
-        prefix lets the engine compute it once and cache it for every teacher
-        call (DSPy's teacher likewise shows one labelled sample, less the
-        example itself); a fresh sample per example made each prompt new.
+        ``teacher_demos = "per_example"`` (the default): a seeded sample for
+        each example, so reruns are identical and hit the call cache.
+        ``"shared"``: every teacher shows the same k examples (the first k of
+        one seeded order), an example never its own label (it gets the next
+        one instead), as DSPy's teacher does; the engine then caches one demo
+        prefix. With 9 candidates that saved no time on Iris and chose
+        worse programs (val 38.6% against 47.1%, median of 4 rounds each;
+        benchmarks/prompt_step.py), so it is not the default.
         """
         order = list(range(len(trainset)))
         random.Random(0).shuffle(order)
 
         def teacher_for(i: int) -> Module:
             t = program.reset_copy()
-            if self.teacher_demos == "per_example":  # sessions 1-3: a fresh sample for each example
+            if self.teacher_demos == "shared":
+                others = [trainset[j] for j in order if j != i]
+            else:
                 others = [ex for j, ex in enumerate(trainset) if j != i]
                 random.Random(i).shuffle(others)
-            else:
-                others = [trainset[j] for j in order if j != i]
             for _name, pred in t.named_predictors():
                 pred.demos = self._top_up([], pred, others)
             return t
