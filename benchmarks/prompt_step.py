@@ -90,7 +90,7 @@ def main() -> int:
     os.environ["TANDEM_CACHE"] = "0"
 
     from run import iris_rows  # noqa: E402 - benchmarks/vs_dspy: the comparison's data and split
-    from tandem_side import examples  # noqa: E402
+    from tandem_side import examples, time_bootstrap  # noqa: E402
 
     from tandem.lm.vllm import VLLM
     from tandem.optimize import RandomSearch
@@ -118,17 +118,7 @@ def main() -> int:
             render.complete_demo = complete_demo if v.pop("not_given") else (lambda _sig, demo: demo)
             rs = RandomSearch(iris_metric, **v, **kw)
             rs.fewshot.teacher_demos = teacher_demos
-            phases = {}
-            run_bootstrap = rs.fewshot.run_bootstrap
-
-            def timed(*a, _run=run_bootstrap, _phases=phases, **k):  # measurement only: the same call
-                t = time.perf_counter()
-                try:
-                    return _run(*a, **k)
-                finally:
-                    _phases["bootstrap_s"] = round(time.perf_counter() - t, 2)
-
-            rs.fewshot.run_bootstrap = timed
+            phases = time_bootstrap(rs)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
             res = rs.compile(IrisClassifier().set_lm(lm), trainset=train, valset=val, seed=0)

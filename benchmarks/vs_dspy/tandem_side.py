@@ -51,6 +51,22 @@ def diff(after: dict, before: dict) -> dict:
     return {k: round(after.get(k, 0.0) - before.get(k, 0.0)) for k in sorted(set(after) | set(before))}
 
 
+def time_bootstrap(rs) -> dict:
+    """Make ``rs`` (a RandomSearch) record its bootstrap's seconds in the returned dict (measurement only)."""
+    phases: dict = {}
+    run_bootstrap = rs.fewshot.run_bootstrap
+
+    def timed(*a, **kw):  # the same call, timed
+        t = time.perf_counter()
+        try:
+            return run_bootstrap(*a, **kw)
+        finally:
+            phases["bootstrap_s"] = round(time.perf_counter() - t, 2)
+
+    rs.fewshot.run_bootstrap = timed
+    return phases
+
+
 def prompt_step(args) -> dict:
     assert os.environ.get("TANDEM_CACHE") == "0", "run with TANDEM_CACHE=0 (run.py does)"
     from tandem.evaluate import evaluate
@@ -75,17 +91,7 @@ def prompt_step(args) -> dict:
         time.sleep(0.1)  # the engine's loop thread goes idle once the last future is set
         lm.engine().engine.reset_prefix_cache()
         rs = RandomSearch(iris_metric)  # defaults: 9 candidates (the paper's 6 random + 3 fixed), at most 3 demos
-        phases: dict = {}
-        run_bootstrap = rs.fewshot.run_bootstrap
-
-        def timed_bootstrap(*a, _run=run_bootstrap, _phases=phases, **kw):  # measurement only: the same call
-            t = time.perf_counter()
-            try:
-                return _run(*a, **kw)
-            finally:
-                _phases["bootstrap_s"] = round(time.perf_counter() - t, 2)
-
-        rs.fewshot.run_bootstrap = timed_bootstrap
+        phases = time_bootstrap(rs)
         before, load = engine_counters(), os.getloadavg()[0]
         t0 = time.perf_counter()
         result = rs.compile(program, trainset=train, valset=val, seed=0)
