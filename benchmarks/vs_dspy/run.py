@@ -199,7 +199,8 @@ def table(res: dict) -> str:
     tp, dp = t.get("phases", {}), d.get("phase_totals", {})
     if tp and dp:
         lines.append(f"where the step's time went: tandem bootstrap {tp.get('bootstrap_s')} s (15 examples at once, "
-                     f"re-samples included), 6 candidates x 35 evaluated together {tp.get('candidates_s')} s; "
+                     f"re-samples included), {t.get('settings', {}).get('num_candidates', 6)} candidates x 35 "
+                     f"evaluated together {tp.get('candidates_s')} s; "
                      f"DSPy {dp['bootstrap']['count']} bootstraps {dp['bootstrap']['wall_s']} s "
                      f"({dp['bootstrap']['lm_calls']} calls, one at a time), {dp['evaluate candidate']['count']} "
                      f"candidate evaluations {dp['evaluate candidate']['wall_s']} s "
