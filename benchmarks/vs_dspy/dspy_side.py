@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import sys
 import time
@@ -152,7 +153,7 @@ def reset_prefix_cache(metrics_url: str) -> bool:
     return False
 
 
-def one_round(args, train, val, dev, phases: list) -> dict:
+def one_round(args, train, val, dev, phases: list, seed: int = 0) -> dict:
     lm = make_lm(args)  # a fresh LM each round: its own history
     dspy.configure(lm=lm)
     opt = dspy.BootstrapFewShotWithRandomSearch(
@@ -167,6 +168,9 @@ def one_round(args, train, val, dev, phases: list) -> dict:
     reset = reset_prefix_cache(args.metrics_url)
     before, load = server_counters(args.metrics_url), os.getloadavg()[0]
     t0 = time.perf_counter()
+    if seed:  # another draw of the same search: DSPy's candidates depend on the training set's order
+        train = list(train)
+        random.Random(seed).shuffle(train)
     best = opt.compile(Iris(), trainset=train, valset=val)
     step_s = time.perf_counter() - t0
     step_server = diff(server_counters(args.metrics_url), before)
@@ -195,7 +199,7 @@ def one_round(args, train, val, dev, phases: list) -> dict:
         "demos": demos_of(best),
         "chosen_demos": [{k: str(v)[:300] for k, v in d.toDict().items()}
                          for p in best.predictors() for d in p.demos],
-        "prefix_cache_reset": reset, "load_1min_at_start": round(load, 2),
+        "prefix_cache_reset": reset, "load_1min_at_start": round(load, 2), "search_seed": seed,
     }
 
 
@@ -205,10 +209,11 @@ def prompt_step(args) -> dict:
     dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=False)
     phases = phase_timer()
     rounds = []
-    for r in range(args.rounds):
-        rounds.append(one_round(args, train, val, dev, phases))
+    seeds = [int(x) for x in args.search_seeds.split(",")]
+    for r, seed in [(r, s) for s in seeds for r in range(args.rounds)]:
+        rounds.append(one_round(args, train, val, dev, phases, seed))
         x = rounds[-1]
-        print(f"round {r + 1}: {x['step_wall_s']:.1f} s, val {x['val_acc']:.1f}, dev {x['dev_acc']:.1f}", flush=True)
+        print(f"seed {seed} round {r + 1}: {x['step_wall_s']:.1f} s, val {x['val_acc']:.1f}, dev {x['dev_acc']:.1f}", flush=True)
     best = min(rounds, key=lambda r: r["step_wall_s"])  # load only ever slows a round down
     walls = sorted(r["step_wall_s"] for r in rounds)
     return {
@@ -305,6 +310,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=24)
     p.add_argument("--max-errors", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--search-seeds", default="0")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = prompt_step(args) if args.what == "prompt" else finetune(args)

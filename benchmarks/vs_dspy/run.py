@@ -18,7 +18,8 @@ One run, each side in its own environment and process, one model process alive a
 3. The weight step: tandem.train.lora.train_lora against a plain TRL SFTTrainer +
    peft LoRA run with the same settings on the same SFT examples.
 
-Each side runs the prompt step --rounds times (default 3) with its model loaded once,
+Each side runs the prompt step --rounds times (default 3) for each of --search-seeds
+(default 0: one search), with its model loaded once,
 from an empty prefix cache each time; the table shows the fastest round's time (load
 from other jobs only ever slows a round down) and the mean accuracy. Step times exclude model loading (the engine start, the server start), which is
 reported apart. LM calls and tokens come from each library's own accounting and,
@@ -234,6 +235,10 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3,
                    help="prompt-step rounds per side, each from an empty prefix cache; the table shows the fastest "
                         "round's time (load from other jobs only ever slows a round down) and the mean accuracy")
+    p.add_argument("--search-seeds", default="0",
+                   help="comma-separated; each is another draw of the same search on both sides: tandem's "
+                        "RandomSearch seed, and DSPy's training set shuffled with random.Random(seed) (0: as "
+                        "given). --rounds rounds for each; accuracy is averaged over all of them")
     p.add_argument("--skip-weight-step", action="store_true")
     p.add_argument("--mem-gib", type=float, default=5.0,
                    help="GiB that must be available before the engine or the server starts (trainers: 3)")
@@ -286,7 +291,7 @@ def main() -> int:
         out = work / "tandem_prompt.json"
         res["prompt_step"]["tandem_process_s"] = round(run_side(
             [TANDEM_PY, HERE / "tandem_side.py", "prompt", "--data", data_path, "--sft", sft_path, "--out", out,
-             "--rounds", args.rounds],
+             "--rounds", args.rounds, "--search-seeds", args.search_seeds],
             work / "tandem_prompt.log", env={"TANDEM_CACHE": "0"}), 1)
         res["prompt_step"]["tandem"] = json.loads(out.read_text())
         print(f"  step {res['prompt_step']['tandem']['step_wall_s']} s", flush=True)
@@ -304,7 +309,7 @@ def main() -> int:
         res["prompt_step"]["server_cmd"] = " ".join(server.last_cmd[1:])
         common = ["--data", data_path, "--api-base", server.url, "--metrics-url", f"{server.root}/metrics",
                   "--threads", args.dspy_threads]
-        rounds = ["--rounds", args.rounds]
+        rounds = ["--rounds", args.rounds, "--search-seeds", args.search_seeds]
         sampler.phase = "dspy prompt step"
         print("DSPy: prompt step ...", flush=True)
         out = work / "dspy_prompt.json"

@@ -86,7 +86,8 @@ def prompt_step(args) -> dict:
     program = IrisClassifier().set_lm(lm)
 
     rounds = []
-    for r in range(args.rounds):
+    seeds = [int(x) for x in args.search_seeds.split(",")]
+    for r, seed in [(r, s) for s in seeds for r in range(args.rounds)]:
         # Each round starts from an empty prefix cache, as the first did (the server side does the same).
         time.sleep(0.1)  # the engine's loop thread goes idle once the last future is set
         lm.engine().engine.reset_prefix_cache()
@@ -94,7 +95,7 @@ def prompt_step(args) -> dict:
         phases = time_bootstrap(rs)
         before, load = engine_counters(), os.getloadavg()[0]
         t0 = time.perf_counter()
-        result = rs.compile(program, trainset=train, valset=val, seed=0)
+        result = rs.compile(program, trainset=train, valset=val, seed=seed)
         step_s = time.perf_counter() - t0
         step_engine = diff(engine_counters(), before)
         phases["candidates_s"] = round(step_s - phases.get("bootstrap_s", 0.0), 2)
@@ -112,11 +113,11 @@ def prompt_step(args) -> dict:
             "bootstrap_passed": rec.extra.get("bootstrap_passed"),
             "demos": [len(p.demos) for p in chosen.predictors()],
             "chosen_demos": [{k: str(v)[:300] for k, v in d.items()} for p in chosen.predictors() for d in p.demos],
-            "load_1min_at_start": round(load, 2),
+            "load_1min_at_start": round(load, 2), "search_seed": seed,
         })
-        if r == 0:
+        if len(rounds) == 1:
             first = chosen
-        print(f"round {r + 1}: {step_s:.1f} s, val {val_eval.score:.1f}, dev {dev_eval.score:.1f}", flush=True)
+        print(f"seed {seed} round {r + 1}: {step_s:.1f} s, val {val_eval.score:.1f}, dev {dev_eval.score:.1f}", flush=True)
 
     # SFT data for the weight-step comparison: what the ``w`` of ``p -> w`` trains on
     # (round 1's chosen program's passing runs on all 50 training examples, zero-shot prompts).
@@ -197,6 +198,7 @@ def main() -> int:
     p.add_argument("--adapter-dir")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--search-seeds", default="0")
     args = p.parse_args()
     out = prompt_step(args) if args.what == "prompt" else train(args)
     Path(args.out).write_text(json.dumps(out, indent=1))
