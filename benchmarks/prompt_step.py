@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
+from machine import write_result  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -92,7 +92,7 @@ def main() -> int:
     from run import iris_rows  # noqa: E402 - benchmarks/vs_dspy: the comparison's data and split
     from tandem_side import examples, time_bootstrap  # noqa: E402
 
-    from tandem.lm.vllm import VLLM
+    from tandem.lm.vllm import VLLM, shutdown_engines
     from tandem.optimize import RandomSearch
     from tandem.program import render
     from tandem.program.render import complete_demo
@@ -112,12 +112,11 @@ def main() -> int:
         for n in order:
             time.sleep(0.1)  # the engine's loop thread goes idle once the last future is set
             lm.engine().engine.reset_prefix_cache()
-            v = dict(VARIANTS[n])
-            teacher_demos = v.pop("teacher_demos")
+            v = VARIANTS[n]
             # measurement only: sessions 1-3 rendered a demo's fields as they were
-            render.complete_demo = complete_demo if v.pop("not_given") else (lambda _sig, demo: demo)
-            rs = RandomSearch(iris_metric, **v, **kw)
-            rs.fewshot.teacher_demos = teacher_demos
+            render.complete_demo = complete_demo if v["not_given"] else (lambda _sig, demo: demo)
+            rs = RandomSearch(iris_metric, **kw)
+            rs.fewshot.teacher_demos = v["teacher_demos"]
             phases = time_bootstrap(rs)
             load = os.getloadavg()[0]
             t0 = time.perf_counter()
@@ -130,18 +129,15 @@ def main() -> int:
                    "candidates": res.history[0].extra["candidates"], "load_1min": round(load, 2)}
             rounds.append(rec)
             print(json.dumps({k: v for k, v in rec.items() if k != "candidates"}), flush=True)
+    render.complete_demo = complete_demo
 
     summary = summarize(rounds, names)
-    args.out.write_text(json.dumps({
-        "summary": summary, "rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+    write_result(args.out, {
+        "summary": summary, "rounds": rounds,
         "settings": {"task": "iris prompt step, 15 / 35 (benchmarks/vs_dspy split)", "call_cache": "off",
                      "variants": {n: VARIANTS[n] for n in names}, "num_candidates": rs.num_candidates,
                      "engine": {k: str(v) for k, v in lm.options.items()}},
-    }, indent=1))
-    print(f"\nwritten {args.out}")
-    from tandem.lm.vllm import shutdown_engines
-
+    })
     shutdown_engines()
     return 0
 
