@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
+from machine import write_result  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -96,14 +96,12 @@ def main() -> int:
         x = summary[-1]
         print(f"| {way} | {x['acc_mean']} ({', '.join(f'{a:.0f}' for a in x['acc_all'])}) | {x['calls_per_example']} "
               f"| {x['output_tokens_per_example']} |")
-    args.out.write_text(json.dumps({
-        "summary": summary, "rows": rows, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+    write_result(args.out, {
+        "summary": summary, "rows": rows,
         "settings": {"model": "smollm2-135m", "held_out": "benchmarks/vs_dspy prompt_val (35) + dev (50)",
                      "demos": "3 labelled, random.Random(set).sample(train, 3)", "decoding": "greedy, 128 new tokens",
                      "call_cache": "off"},
-    }, indent=1))
-    print(f"\nwritten {args.out}")
+    })
     shutdown_engines()
     return 0
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import platform
+import time
+from pathlib import Path
 
 
 def cpu_model() -> str:
@@ -14,3 +18,10 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor()
+
+
+def write_result(out: Path, doc: dict) -> None:
+    """Write a benchmark's JSON to ``out`` with the date and the machine it ran on, and say so."""
+    doc = {**doc, "date": time.strftime("%Y-%m-%d %H:%M"), "machine": {"cpu": cpu_model(), "cores": os.cpu_count()}}
+    out.write_text(json.dumps(doc, indent=1))
+    print(f"\nwritten {out}")

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from machine import cpu_model  # benchmarks/ is on sys.path when run as a script
+from machine import write_result  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -112,13 +112,11 @@ def main() -> int:
             print(json.dumps(rec), flush=True)
 
     summary = summarize(rounds, blocks)
-    args.out.write_text(json.dumps({
-        "summary": summary, "rounds": rounds, "date": time.strftime("%Y-%m-%d %H:%M"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count()},
+    write_result(args.out, {
+        "summary": summary, "rounds": rounds,
         "settings": {"task": "iris prompt step, 15 / 35 (benchmarks/vs_dspy split)", "call_cache": "off",
                      "engine": {k: str(v) for k, v in lms[blocks[0]].options.items() if k != "block_size"}},
-    }, indent=1))
-    print(f"\nwritten {args.out}")
+    })
     return 0
 
 
