@@ -105,10 +105,10 @@ def steps_table(history, title: str) -> Table:
     table = Table(title=title)
     for col in ("step", "kind", "status", "val %", "inner %", "wall s", "LM calls", "tokens", "SFT ex", "detail"):
         table.add_column(col, justify="left" if col in ("kind", "status", "detail") else "right")
-    for r in history:
+    for r in history:  # BetterTogether's history[0] is the start (the given program), steps are 1..n
         u = r.usage or {}
         table.add_row(
-            str(r.index + 1), r.kind, r.status,
+            str(r.index), r.kind, r.status,
             "-" if r.val_score is None else f"{r.val_score:.1f}",
             "-" if r.inner_score is None else f"{r.inner_score:.1f}",
             f"{r.wall_s:.0f}", str(u.get("calls", 0)),
@@ -116,6 +116,17 @@ def steps_table(history, title: str) -> Table:
             str(r.train_examples) if r.kind == "w" else "-", r.detail[:70],
         )
     return table
+
+
+def chosen_text(summary: dict, history) -> str:
+    """Which program a run returned: a step's, the start (history index 0), or the program as it is."""
+    best, dev = summary["best_step"], summary["dev_score"]
+    if best is None:
+        return f"the program as it is (dev {dev:.1f})"
+    if best == 0:
+        return f"the start, the given program (dev {dev:.1f}; every step scored lower)"
+    kind = history[best].kind if best < len(history) else "?"
+    return f"step {best} ({kind}, dev {dev:.1f})"
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -153,9 +164,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     history = [StepRecord.from_dict(r) for r in summary["history"]]
     if history:
         Console().print(steps_table(history, f"{task.name}: {cfg.strategy} (seed {cfg.seed})"))
-    best = summary["best_step"]
-    chosen = f"step {best + 1} (dev {summary['dev_score']:.1f})" if best is not None else \
-        f"the program as it is (dev {summary['dev_score']:.1f})"
+    if history and history[0].kind == "start":
+        Console().print(f"start  dev {history[0].val_score:.1f}  (the given program, before any step)")
+    chosen = chosen_text(summary, history)
     Console().print(
         f"returned program: {chosen}; [bold]test {summary['test_score']:.1f}%[/] on {summary['test_n']} examples "
         f"(zero-shot {summary['zero_shot_test_score']:.1f}%: {summary['fixed']} fixed, {summary['broken']} broken); "

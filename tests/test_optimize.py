@@ -218,13 +218,13 @@ def test_weight_step_with_nothing_to_train(tmp_path):
 def test_p_w_p_restarts_prompts_on_new_weights(tmp_path):
     calls = []
     lm, opt = bt(tmp_path, "p -> w -> p", calls)
-    lm.adapter_replies[str(tmp_path / "run" / "steps" / "01-w" / "adapters" / "adapter")] = tuned_reply
+    lm.adapter_replies[str(tmp_path / "run" / "steps" / "02-w" / "adapters" / "adapter")] = tuned_reply
     opt.run_dir = tmp_path / "run"
     prog = Mod3().set_lm(lm)
     prog.solve.instructions = "ORIGINAL"
     res = opt.compile(prog, trainset=data(30), valset=data(15, 40), seed=1)
     kinds = [(r.kind, r.status) for r in res.history]
-    assert kinds == [("p", "ok"), ("w", "ok"), ("p", "ok")]
+    assert kinds == [("start", "ok"), ("p", "ok"), ("w", "ok"), ("p", "ok")]
     assert all(r.val_score is not None for r in res.history)
     # the weight step trained on traces of the prompt-optimized program
     assert len(calls) == 1 and len(calls[0]) == 30
@@ -234,7 +234,80 @@ def test_p_w_p_restarts_prompts_on_new_weights(tmp_path):
     assert prog.solve.demos == [] and prog.solve.lm is lm  # caller's program untouched
     assert (tmp_path / "run" / "final" / "program.json").exists()
     hist = json.loads((tmp_path / "run" / "history.json").read_text())
-    assert [h["kind"] for h in hist] == ["p", "w", "p"]
+    assert [h["kind"] for h in hist] == ["start", "p", "w", "p"]
+
+
+class SetInstructions:
+    """A registered step that only rewrites the instructions (and records its seeds)."""
+
+    def __init__(self, text, seeds=None):
+        self.text, self.seeds = text, [] if seeds is None else seeds
+
+    def compile(self, program, *, trainset, valset, seed=0):
+        self.seeds.append(seed)
+        new = program.deepcopy()
+        new.solve.instructions = self.text
+        return CompileResult(new, [StepRecord(0, "set")])
+
+
+def sloppy_reply(text):
+    """Right unless the instructions say to be sloppy."""
+    x = _x(text)
+    return f" x is {x}\nY: {(x + 1) % 3 if 'Be sloppy.' in text else x % 3}"
+
+
+def test_the_start_is_step_0_of_the_history_and_of_the_run_dir(tmp_path):
+    lm, opt = bt(tmp_path, "p -> w -> p", run_dir=tmp_path / "run")
+    valset = data(15, 40)
+    res = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=valset, seed=1)
+    start = res.history[0]
+    assert (start.index, start.kind, start.status, start.detail) == (0, "start", "ok", "the given program")
+    assert start.val_score == 0.0 and start.extra["val_failures"] == {}  # zero-shot, x >= 10 is wrong
+    assert start.wall_s > 0 and start.usage["calls"] == len(valset) and start.inner_score is None
+    assert [(r.index, r.kind) for r in res.history] == [(0, "start"), (1, "p"), (2, "w"), (3, "p")]
+    steps = tmp_path / "run" / "steps"
+    assert sorted(d.name for d in steps.iterdir()) == ["00-start", "01-p", "02-w", "03-p"]
+    assert all((d / "record.json").exists() and (d / "program" / "program.json").exists() for d in steps.iterdir())
+    assert json.loads((steps / "00-start" / "record.json").read_text())["kind"] == "start"
+    assert load_program(steps / "00-start" / "program", lms={"fake:fake": lm}).dump_state() == Mod3().dump_state()
+    assert (steps / "02-w" / "adapters" / "adapter").is_dir()  # the weight step's adapter, by history index
+    best = res.extra["best_step"]
+    assert best >= 1 and res.score == res.history[best].val_score > start.val_score
+    assert read_program_file(tmp_path / "run" / "final")["extra"]["best_step"] == best
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["steps"] == ["p", "w", "p"]
+
+
+def test_steps_that_all_score_below_the_start_return_the_given_program(tmp_path):
+    lm = FakeLM(sloppy_reply)
+    opt = BetterTogether(metric, strategy="sloppy -> sloppy", splits=SplitPlan(10, 20), run_dir=tmp_path / "run",
+                         optimizers={"sloppy": SetInstructions("Be sloppy.")})
+    prog = Mod3().set_lm(lm)
+    prog.solve.demos = [{"x": "1", "y": "1"}]
+    res = opt.compile(prog, trainset=data(30), valset=data(9))
+    assert [r.val_score for r in res.history] == [100.0, 0.0, 0.0]
+    assert res.extra["best_step"] == 0 and res.score == 100.0
+    assert res.program.solve.instructions == "Give x modulo 3." and res.program.dump_state() == prog.dump_state()
+    assert res.extra["final_program"].solve.instructions == "Be sloppy."  # the last step's, as before
+    final = read_program_file(tmp_path / "run" / "final")
+    assert final["extra"]["best_step"] == 0 and final["predictors"]["solve"]["demos"] == prog.solve.demos
+
+
+def test_a_step_that_ties_the_start_is_returned(tmp_path):
+    seeds = []
+    opt = BetterTogether(metric, strategy="same -> same", splits=SplitPlan(10, 20),
+                         optimizers={"same": SetInstructions("Also fine.", seeds)})
+    res = opt.compile(Mod3().set_lm(FakeLM(sloppy_reply)), trainset=data(30), valset=data(9), seed=3)
+    assert [r.val_score for r in res.history] == [100.0] * 3
+    assert res.extra["best_step"] == 2 and res.program.solve.instructions == "Also fine."
+    assert seeds == [300, 301]  # seed * 100 + the position in the strategy, unchanged by step 0
+    # w first with no passing trace is reported, not crashed; it keeps the program and its
+    # score, so it ties the start, and wins
+    lm = FakeLM(lambda t: " ?\nY: 9")
+    lm.model_dir = tmp_path
+    opt = BetterTogether(metric, strategy="w -> p", splits=SplitPlan(10, 20),
+                         weight_optimizer=BootstrapFinetune(metric, trainer=fake_trainer([])))
+    res = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5))
+    assert [r.status for r in res.history] == ["ok", "nothing_to_train", "ok"] and res.extra["best_step"] == 2
 
 
 def test_selection_uses_the_outer_valset_only(tmp_path):
@@ -250,16 +323,6 @@ def test_selection_uses_the_outer_valset_only(tmp_path):
     outer = data(15, 100)
     opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=outer)
     assert seen_val and not set(seen_val) & {ex.x for ex in outer}
-
-
-def test_w_first_with_no_passing_traces_is_reported_not_crashed(tmp_path):
-    lm = FakeLM(lambda t: " ?\nY: 9")
-    lm.model_dir = tmp_path
-    opt = BetterTogether(metric, strategy="w -> p",
-                         weight_optimizer=BootstrapFinetune(metric, trainer=fake_trainer([])),
-                         splits=SplitPlan(10, 20))
-    res = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5))
-    assert [r.status for r in res.history] == ["nothing_to_train", "ok"]
 
 
 def test_registered_step_and_a_step_that_raises(tmp_path):
@@ -281,44 +344,51 @@ def test_registered_step_and_a_step_that_raises(tmp_path):
     with pytest.raises(RuntimeError, match="exploded"):
         opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5))
     hist = json.loads((tmp_path / "run3" / "history.json").read_text())
-    assert [(h["kind"], h["status"]) for h in hist] == [("instr", "ok"), ("boom", "failed")]
-    assert "exploded" in hist[1]["detail"]
+    assert [(h["kind"], h["status"]) for h in hist] == [("start", "ok"), ("instr", "ok"), ("boom", "failed")]
+    assert [h["index"] for h in hist] == [0, 1, 2] and "exploded" in hist[2]["detail"]
 
 
-def test_resume_continues_after_the_last_finished_step(tmp_path):
+@pytest.mark.parametrize("killed_in", [1, 2, 3])  # after the start, after step 1, after step 2
+def test_resume_continues_after_the_last_finished_step(tmp_path, killed_in):
     lm, opt = bt(tmp_path, "p -> w -> p")
     run = tmp_path / "run"
-    lm.adapter_replies[str(run / "steps" / "01-w" / "adapters" / "adapter")] = tuned_reply
+    lm.adapter_replies[str(run / "steps" / "02-w" / "adapters" / "adapter")] = tuned_reply
     opt.run_dir = run
     full = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(15, 40), seed=2)
 
-    # A second run killed during its third step...
+    # A second run killed during step `killed_in`...
     lm2, opt2 = bt(tmp_path, "p -> w -> p")
     run2 = tmp_path / "run2"
-    lm2.adapter_replies[str(run2 / "steps" / "01-w" / "adapters" / "adapter")] = tuned_reply
+    lm2.adapter_replies[str(run2 / "steps" / "02-w" / "adapters" / "adapter")] = tuned_reply
     # on resume the adapter is read from the saved program's copy of the folder
-    lm2.adapter_replies[str(run2 / "steps" / "01-w" / "program" / "adapters" / "adapter")] = tuned_reply
+    lm2.adapter_replies[str(run2 / "steps" / "02-w" / "program" / "adapters" / "adapter")] = tuned_reply
     opt2.run_dir = run2
     real = opt2._run_step
     state = {"n": 0}
 
-    def dies_on_third(kind, *a, **k):
+    def dies(kind, *a, **k):
         state["n"] += 1
-        if state["n"] == 3:
+        if state["n"] == killed_in:
             raise KeyboardInterrupt
         return real(kind, *a, **k)
 
-    opt2._run_step = dies_on_third
+    opt2._run_step = dies
     with pytest.raises(KeyboardInterrupt):
         opt2.compile(Mod3().set_lm(lm2), trainset=data(30), valset=data(15, 40), seed=2)
-    assert not (run2 / "steps" / "02-p").exists()
-    # ...and started again with resume: only the third step runs.
+    finished = sorted(d.name for d in (run2 / "steps").iterdir() if (d / "record.json").exists())
+    assert finished == ["00-start", "01-p", "02-w"][:killed_in]
+    # ...and started again with resume: the start is not scored again, only unfinished steps run.
     opt2._run_step = real
-    ran = []
-    opt2.weight_optimizer.trainer = lambda *a, **k: ran.append("w")
+    trained, validated = [], []
+    opt2.weight_optimizer.trainer = fake_trainer(trained)
+    real_validate = opt2._validate
+    opt2._validate = lambda prog, vs, label, bar: validated.append(label) or real_validate(prog, vs, label, bar)
     res = opt2.compile(Mod3().set_lm(lm2), trainset=data(30), valset=data(15, 40), seed=2, resume=True)
-    assert ran == []  # the finished weight step was not redone
+    assert validated == [f"step {i} validation" for i in range(killed_in, 4)]
+    assert len(trained) == (1 if killed_in <= 2 else 0)  # a finished weight step is not redone
+    assert [r.index for r in res.history] == [0, 1, 2, 3]
     assert [r.val_score for r in res.history] == [r.val_score for r in full.history]
+    assert res.extra["best_step"] == full.extra["best_step"]
     assert res.program.dump_state() == full.program.dump_state()
     assert res.extra["final_program"].solve.lm.adapter.endswith("adapter")
 
@@ -329,6 +399,15 @@ def test_resume_refuses_another_strategy(tmp_path):
     lm, opt = bt(tmp_path, "p -> w", run_dir=tmp_path / "run")
     with pytest.raises(ValueError, match="another run directory"):
         opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5), resume=True)
+    # a run directory of a tandem before step 0 (steps/00-p was the first step)
+    (tmp_path / "old" / "steps" / "00-p").mkdir(parents=True)
+    (tmp_path / "old" / "steps" / "00-p" / "record.json").write_text("{}")
+    (tmp_path / "old" / "plan.json").write_text(json.dumps({"strategy": "p", "steps": ["p"], "seed": 0}))
+    lm, opt = bt(tmp_path, "p", run_dir=tmp_path / "old")
+    with pytest.raises(ValueError, match="older tandem"):
+        opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(5), resume=True)
+    with pytest.raises(StrategyError, match="'start' names step 0"):  # a reserved step name
+        BetterTogether(metric, strategy="start", optimizers={"start": SetInstructions("x")})
 
 
 def test_tiny_training_set_is_a_clear_error(tmp_path):

@@ -28,8 +28,9 @@ def test_p_w_p_on_iris_changes_weights_and_round_trips(smollm_vllm, tmp_path):
     program = IrisClassifier().set_lm(smollm_vllm)
     result = bt.compile(program, trainset=splits["train"], valset=splits["dev"], seed=0)
     kinds = [(r.kind, r.status) for r in result.history]
-    assert [k for k, _ in kinds] == ["p", "w", "p"]
-    w = result.history[1]
+    assert [k for k, _ in kinds] == ["start", "p", "w", "p"]  # history[0]: the given program on dev
+    assert result.score >= result.history[0].val_score  # never worse than the start on dev
+    w = result.history[2]
     if w.status == "nothing_to_train":  # honest outcome; then nothing else can be checked
         pytest.skip(f"weight step had nothing to train on: {w.detail}")
     assert w.status == "ok" and w.train_examples > 0 and w.trainable_params > 0

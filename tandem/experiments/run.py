@@ -19,6 +19,12 @@ Run directory (besides BetterTogether's plan.json, history.json, steps/, final/)
   which it broke;
 - ``results.json``: the summary, written last: a run directory with it is
   finished, one without it resumes from its last finished step.
+
+The summary's ``history`` is BetterTogether's: ``history[0]`` is the start
+(the given program on dev, ``kind="start"``), the strategy's steps are
+``history[1..n]``; ``best_step`` is a history index (0: every step scored
+lower than the start, and the given program was returned), ``None`` for a
+zero-shot run; ``start_dev_score`` is the given program's dev score.
 """
 
 from __future__ import annotations
@@ -192,7 +198,7 @@ def run_cell(
         base_records, base_score, base = baseline()
         final_records, test_score = base_records, base_score
         test_failures, test_usage, test_wall = base["failures"], base["usage"], base["wall_s"]
-        dev_score, best = dev.score, None
+        dev_score, best, start_dev = dev.score, None, dev.score
         save_program(program, run_dir / "final", seed=cfg.seed, extra={"strategy": ZERO_SHOT})
         usage_total = _add(dev.usage.to_dict(), test_usage)
     else:
@@ -213,6 +219,7 @@ def run_cell(
         base_records, base_score, _ = baseline()
         dev_score, best = result.score, result.extra["best_step"]
         history = [r.to_dict() for r in result.history]
+        start_dev = history[0]["val_score"]
         usage_total = test_usage
         for r in history:
             usage_total = _add(usage_total, r.get("usage") or {})
@@ -223,11 +230,13 @@ def run_cell(
         "task": task.name, "model": cfg.model, "strategy": ZERO_SHOT if zero_shot else cfg.strategy,
         "seed": cfg.seed, "split_seed": cfg.split_seed(), "status": "ok",
         "sizes": sizes, "prompt_sizes": None if zero_shot else [ptrain, pval],
-        "best_step": best, "dev_score": dev_score, "test_score": test_score, "test_n": sizes["test"],
+        "best_step": best, "dev_score": dev_score, "start_dev_score": start_dev,
+        "test_score": test_score, "test_n": sizes["test"],
         "test_failures": test_failures, "zero_shot_test_score": base_score,
         "fixed": len(changed["fixed"]), "broken": len(changed["broken"]),
         # wall_s: this process (a resumed run counts only what it redid); optimize_s: the
-        # steps' own wall times (validation included), the same however often the run resumed.
+        # steps' own wall times (validation, and the start's, included), the same however
+        # often the run resumed.
         "wall_s": round(time.perf_counter() - t0, 1),
         "optimize_s": round(sum(r.get("wall_s") or 0.0 for r in history), 1), "test_wall_s": test_wall,
         "test_usage": test_usage, "usage": usage_total, "history": history,

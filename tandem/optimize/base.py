@@ -2,7 +2,8 @@
 
     result = optimizer.compile(program, trainset=train, valset=val, seed=0)
     result.program      # a new program; the input program is never mutated
-    result.history      # one StepRecord per step, in order
+    result.history      # one StepRecord per step, in order (BetterTogether: history[0]
+                        # is the given program, kind "start", scored before any step)
 
 An optimizer may take a ``progress(label, done, total)`` callback; the CLI
 draws bars with it.
@@ -25,7 +26,7 @@ class StepRecord:
     """One optimizer step as it appears in a run's history."""
 
     index: int
-    kind: str  # "p", "w", "initial", or a registered step name
+    kind: str  # "start" (BetterTogether's step 0, the given program), "p", "w", or a registered name
     status: str = "ok"  # "ok", "nothing_to_train", "failed"
     val_score: float | None = None  # on the selection split (BetterTogether's own)
     inner_score: float | None = None  # what the step's own optimizer selected on

@@ -9,16 +9,29 @@ Steps (``p``: RandomSearch, ``w``: BootstrapFinetune, or any name given in
 ``Pi'' = OptimizePrompts(program<Theta', Pi>)``). A weight step trains on
 traces of the current program (current prompts and weights).
 
+Step 0, the start. Before the first step the given program is scored on the
+``valset``; ``history[0]`` is its record (``kind="start"``) and the strategy's
+steps follow as ``history[1..n]``. The returned program is the best by
+validation score over the start and every step, ties to the later one: the
+given program comes back only when every step scored strictly lower than it
+(a step that kept the score is not worse, and it is what was asked for), so
+a run is never worse on the validation set than its start. DSPy's
+BetterTogether lets the earlier program win ties; tandem prefers the later.
+``result.extra["best_step"]`` is the history index (0: the start).
+
 Splits. The inner optimizers get the training set only: prompt steps
 bootstrap on one part of it and pick their candidate on the other part
 (Iris: 15 / 35, as in the paper), weight steps bootstrap on all of it. The
-``valset`` is used only here, to score the program after each step and to
-pick the returned program: a split that no inner optimizer selected on.
+``valset`` is used only here, to score the start and the program after each
+step and to pick the returned program: a split that no inner optimizer selected on.
 
-Run directory. After each step, ``steps/NN-kind/`` receives the program
-(program.json + adapters) and its record; ``resume=True`` reloads the steps
-that finished and continues with the next one. Step seeds derive from
-(seed, step index), so a resumed run makes the same choices.
+Run directory. The start is checkpointed like a step, in ``steps/00-start/``;
+after each step, ``steps/NN-kind/`` (NN = its history index: ``01-p``,
+``02-w``, ...) receives the program (program.json + adapters) and its record;
+``final/`` is the returned program. ``resume=True`` reloads the start and
+the steps that finished and continues with the next one. A step's seed is
+``seed * 100 + its position in the strategy`` (0-based), so a resumed run
+makes the same choices.
 """
 
 from __future__ import annotations
@@ -44,6 +57,7 @@ from tandem.program.persist import load_program, save_program
 log = logging.getLogger(__name__)
 
 _STEP = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+START = "start"  # the kind of step 0: the given program, scored before the strategy runs
 
 
 class StrategyError(ValueError):
@@ -98,6 +112,8 @@ class BetterTogether:
         self.prompt_optimizer = self.prompt_optimizer or RandomSearch(self.metric, num_threads=self.num_threads)
         self.weight_optimizer = self.weight_optimizer or BootstrapFinetune(self.metric, num_threads=self.num_threads)
         self.optimizers = {"p": self.prompt_optimizer, "w": self.weight_optimizer, **self.optimizers}
+        if START in self.optimizers:
+            raise StrategyError(f"{START!r} names step 0 (the given program); register your optimizer as another name")
         self.steps = parse_strategy(self.strategy, set(self.optimizers))
 
     def with_strategy(self, strategy: str) -> "BetterTogether":
@@ -116,24 +132,28 @@ class BetterTogether:
         check_dataset("valset", valset)
         run_dir = Path(self.run_dir) if self.run_dir else None
         original = program.deepcopy()  # never touch the caller's program
-        current = original.deepcopy()
-        history: list[StepRecord] = []
+        history: list[StepRecord] = []  # history[i] scored programs[i]; 0 is the start
         programs: list[Module] = []
-        start_index = 0
         if run_dir is not None:
             run_dir.mkdir(parents=True, exist_ok=True)
             self._write_plan(run_dir, seed)
             if resume:
                 history, programs = self._load_finished(run_dir, original)
-                start_index = len(history)
-                if programs:
-                    current = programs[-1]
-                if start_index:
-                    log.info("resuming after %d finished step(s)", start_index)
+                if history:
+                    log.info("resuming after the start and %d finished step(s)", len(history) - 1)
+        if not history:
+            t0 = time.perf_counter()
+            start = original.deepcopy()
+            val = self._validate(start, valset, "start validation", progress)
+            rec = StepRecord(0, START, status="ok", val_score=val.score, wall_s=time.perf_counter() - t0,
+                             usage=val.usage.to_dict(), detail="the given program",
+                             extra={"val_failures": val.failures})
+            self._finish(run_dir, rec, start, history, programs, seed, on_step)
 
-        for i in range(start_index, len(self.steps)):
-            kind = self.steps[i]
-            step_seed = seed * 100 + i
+        for i in range(len(history), len(self.steps) + 1):
+            kind = self.steps[i - 1]
+            step_seed = seed * 100 + (i - 1)  # the position in the strategy, as before step 0 existed
+            current = programs[-1]
             t0 = time.perf_counter()
             try:
                 result = self._run_step(kind, original, current, trainset, step_seed, run_dir, i, progress)
@@ -146,34 +166,40 @@ class BetterTogether:
                 raise
             rec = result.history[-1]
             rec.index, rec.kind = i, kind
-            if rec.status == "ok" or not programs:
-                candidate = result.program
-            else:
-                candidate = current  # a skipped step leaves the program as it was
-            if progress:
-                progress(f"step {i + 1} validation", 0, len(valset))
-            val = evaluate(candidate, valset, self.metric, num_threads=self.num_threads,
-                           progress=(lambda d, t: progress(f"step {i + 1} validation", d, t)) if progress else None)
+            # a skipped step (nothing_to_train, ...) leaves the program as it was
+            candidate = result.program if rec.status == "ok" else current
+            val = self._validate(candidate, valset, f"step {i} validation", progress)
             rec.val_score = val.score
             rec.wall_s = time.perf_counter() - t0
             rec.usage = _add_usage(rec.usage, val.usage.to_dict())
             rec.extra["val_failures"] = val.failures
-            current = candidate
-            history.append(rec)
-            programs.append(candidate)
-            if run_dir is not None:
-                self._checkpoint(run_dir, i, kind, candidate, rec, seed)
-                self._write_history(run_dir, history)
-            if on_step:
-                on_step(rec)
+            self._finish(run_dir, rec, candidate, history, programs, seed, on_step)
 
-        # The returned program: best validation score, ties to the later step.
+        # The returned program: best validation score, ties to the later step. The start
+        # (index 0) loses every tie, so it comes back only if every step scored lower.
         best = max(range(len(programs)), key=lambda j: (history[j].val_score or 0.0, j))
         out = CompileResult(programs[best], history, score=history[best].val_score,
                             extra={"best_step": best, "final_program": programs[-1]})
         if run_dir is not None:
-            save_program(out.program, run_dir / "final", seed=seed, extra={"best_step": best, "strategy": self.strategy})
+            save_program(out.program, run_dir / "final", seed=seed,
+                         extra={"best_step": best, "strategy": self.strategy})
         return out
+
+    def _validate(self, program: Module, valset: list[Example], label: str, progress: Progress | None):
+        if progress:
+            progress(label, 0, len(valset))
+        return evaluate(program, valset, self.metric, num_threads=self.num_threads,
+                        progress=(lambda d, t: progress(label, d, t)) if progress else None)
+
+    def _finish(self, run_dir, rec, program, history, programs, seed, on_step) -> None:
+        """Record a scored step (or the start): in memory, then on disk, then to ``on_step``."""
+        history.append(rec)
+        programs.append(program)
+        if run_dir is not None:
+            self._checkpoint(run_dir, rec.index, rec.kind, program, rec, seed)
+            self._write_history(run_dir, history)
+        if on_step:
+            on_step(rec)
 
     def _run_step(self, kind, original, current, trainset, seed, run_dir, index, progress) -> CompileResult:
         opt = self.optimizers[kind]
@@ -194,10 +220,15 @@ class BetterTogether:
     # -- run directory -----------------------------------------------------------------
     def _write_plan(self, run_dir: Path, seed: int) -> None:
         plan = {"strategy": self.strategy, "steps": self.steps, "seed": seed,
-                "splits": vars(self.splits)}
+                "splits": vars(self.splits), "start_step": True}
         path = run_dir / "plan.json"
         if path.exists():
             old = json.loads(path.read_text())
+            if not old.get("start_step") and any((run_dir / "steps").glob("*/record.json")):
+                raise ValueError(
+                    f"{run_dir} holds steps of an older tandem, numbered without the start step "
+                    f"(steps/00-{self.steps[0]} is now steps/01-{self.steps[0]}); use another run directory"
+                )
             if old.get("steps") != self.steps or old.get("seed") != seed:
                 raise ValueError(
                     f"{run_dir} holds a run of strategy {old.get('strategy')!r} seed {old.get('seed')}; "
@@ -224,7 +255,7 @@ class BetterTogether:
             if p.lm is not None and hasattr(p.lm, "spec"):
                 spec = p.lm.spec()
                 lms.setdefault(f"{spec['backend']}:{spec['model']}", p.lm if not spec.get("adapter") else p.lm.with_adapter(None))
-        for i, kind in enumerate(self.steps):
+        for i, kind in enumerate([START, *self.steps]):
             d = run_dir / "steps" / f"{i:02d}-{kind}"
             if not (d / "record.json").exists():
                 break
