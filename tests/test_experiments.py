@@ -1,17 +1,19 @@
-"""Experiment grids, the Table-1 markdown, reports and the task registry, on the scripted FakeLM."""
+"""Experiment grids, the Table-1 markdown, statistics, reports and the task registry, on the scripted FakeLM."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import statistics
 from pathlib import Path
 
 import pytest
+from scipy import stats as sps
 
 from fakes import fake_trainer
 from tandem.experiments.config import load_config
-from tandem.experiments.grid import load_experiment, run_experiment, table_markdown
+from tandem.experiments.grid import load_experiment, run_experiment
 from tandem.experiments.report import write_report
 from tandem.experiments.run import run_cell
 from tandem.lm import FakeLM
@@ -53,15 +55,25 @@ def make_lm(tmp_path: Path) -> FakeLM:
     return lm
 
 
-def write_experiment(tmp_path: Path, strategies=("zero-shot", "p", "w -> p"), seeds=(0, 1)) -> Path:
+def write_experiment(tmp_path: Path, strategies=("zero-shot", "p", "w -> p"), seeds=(0, 1), extra: str = "") -> Path:
     cfg = tmp_path / "exp.toml"
     cfg.write_text(
         "# tandem experiment exp.toml\n"
         f"tasks = [\"iris\"]\nmodels = [\"fake-model\"]\nstrategies = {json.dumps(list(strategies))}\n"
-        f"seeds = {list(seeds)}\nout = \"{tmp_path / 'out'}\"\nthreads = 8\nnum_candidates = 3\n"
+        f"seeds = {list(seeds)}\nout = \"{tmp_path / 'out'}\"\nthreads = 8\nnum_candidates = 3\n{extra}"
         "[per_task.iris]\nsizes = [30, 15, 15]\n"
     )
     return cfg
+
+
+def kinds(history: list[dict]) -> list[str]:
+    """The strategy's steps (BetterTogether's history may start with the given program, kind "start")."""
+    return [h["kind"] for h in history if h["kind"] != "start"]
+
+
+def step_dir(run_dir: Path, kind: str) -> Path:
+    """steps/NN-<kind> of a run (NN: 00 or 01 for the first step, depending on the start record)."""
+    return next(p for p in sorted((run_dir / "steps").iterdir()) if p.name.endswith(f"-{kind}"))
 
 
 # -- one run -------------------------------------------------------------------------------------
@@ -71,7 +83,7 @@ def test_run_cell_writes_results_and_per_example_records(tmp_path):
     cfg = load_config(None, ["sizes=30,15,15", "threads=8", "num_candidates=3"], task="iris", strategy="p -> w")
     res = run_cell(cfg, lm, run_dir=tmp_path / "run", trainer=fake_trainer(calls))
     run = tmp_path / "run"
-    assert res["status"] == "ok" and [h["kind"] for h in res["history"]] == ["p", "w"]
+    assert res["status"] == "ok" and kinds(res["history"]) == ["p", "w"]
     assert res["sizes"] == {"train": 30, "dev": 15, "test": 15}
     # the paper's 15/35 prompt sizes do not fit 30 training examples: scaled, with a note
     assert res["prompt_sizes"] == [9, 21] and "scaled" in res["notes"][0]
@@ -114,7 +126,7 @@ def test_grid_shares_the_lm_skips_finished_runs_and_resumes_a_killed_one(tmp_pat
     out = tmp_path / "out"
     assert (out / "results.json").exists() and (out / "table.md").exists()
     cell = out / "iris" / "fake-model" / "wp-s1"
-    assert (cell / "steps" / "00-w" / "record.json").exists()
+    assert (step_dir(cell, "w") / "record.json").exists()
     before = json.loads((cell / "results.json").read_text())
     n_trained = len(calls)
 
@@ -125,7 +137,7 @@ def test_grid_shares_the_lm_skips_finished_runs_and_resumes_a_killed_one(tmp_pat
     # A run killed during its second step: only that step runs again.
     for name in ("results.json", "test_records.json"):
         (cell / name).unlink()
-    shutil.rmtree(cell / "steps" / "01-p")
+    shutil.rmtree(step_dir(cell, "p"))
     shutil.rmtree(cell / "final")
     doc = run_experiment(exp, lm_factory=factory, trainer=fake_trainer(calls))
     assert made == ["fake-model", "fake-model"]
@@ -161,27 +173,104 @@ def test_overrides_win_over_the_file(tmp_path):
         load_experiment(write_experiment(tmp_path), ["strategies=p -> x"])
 
 
-# -- the table -----------------------------------------------------------------------------------
-def test_table_has_strategies_by_tasks_with_mean_std_and_the_paper():
-    def cell(task, strategy, seed, score, status="ok"):
-        return {"task": task, "model": "m", "strategy": strategy, "seed": seed, "status": status,
-                "test_score": score, "sizes": {"train": 1, "dev": 1, "test": 1}, "history": [],
-                "wall_s": 10.0}
+def test_a_grid_over_data_seeds_pairs_runs_and_writes_statistics(tmp_path):
+    exp = load_experiment(write_experiment(tmp_path, extra="data_seeds = [0, 1]\n"))
+    assert exp.data_seeds == [0, 1] and exp.seeds == [0, 1]
+    doc = run_experiment(exp, lm_factory=lambda m, **o: make_lm(tmp_path), trainer=fake_trainer([]))
+    out = tmp_path / "out"
+    assert [(c["strategy"], c["split_seed"], c["seed"], c["status"]) for c in doc["cells"][:4]] == [
+        ("zero-shot", 0, 0, "ok"), ("p", 0, 0, "ok"), ("w -> p", 0, 0, "ok"), ("zero-shot", 1, 0, "ok")]
+    runs = out / "iris" / "fake-model"
+    assert sorted(p.name for p in runs.iterdir()) == sorted(
+        f"{slug}-d{d}-s{s}" for slug in ("zero-shot", "p", "wp") for d in (0, 1) for s in (0, 1))
+    assert json.loads((runs / "p-d1-s0" / "config.json").read_text())["resolved"]["split_seed"] == 1
 
-    doc = {"experiment": {"tasks": ["iris", "gsm8k"], "models": ["m"], "seeds": [0, 1],
-                          "strategies": ["zero-shot", "p -> w"], "out": "x"},
-           "cells": [cell("iris", "zero-shot", 0, 50.0), cell("iris", "zero-shot", 1, 60.0),
-                     cell("iris", "p -> w", 0, 80.0), cell("iris", "p -> w", 1, None, "pending"),
-                     cell("gsm8k", "zero-shot", 0, 10.0)]}
-    md = table_markdown(doc)
-    ours = md.split("## Ours: m")[1].split("\n\n")[2].splitlines()
-    assert ours[0] == "| strategy | Iris | GSM8K |"
-    assert ours[2] == "| zero-shot | 55.0 ± 7.1 (n=2) | **10.0 (n=1)** |"
-    assert ours[3] == "| p -> w | **80.0 (n=1)** | – |"
-    paper = md.split("## Paper (Table 1)")[1]
-    assert "| zero-shot | 26.0 / 0.0 / 48.0 | 40.3 / 24.0 / 72.7 |" in paper
-    assert "mistral-7b / llama-2-7b / llama-3-8b" in md
-    assert "1 pending" in md
+    def records(name):
+        return json.loads((runs / name / "test_records.json").read_text())
+
+    def examples(name):
+        return [r["example"] for r in records(name)]
+
+    assert examples("zero-shot-d0-s0") == examples("zero-shot-d0-s1") != examples("zero-shot-d1-s0")
+
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["statistics"] == doc["statistics"] and saved["experiment"]["data_seeds"] == [0, 1]
+    st = doc["statistics"]["iris"]["fake-model"]
+    t3 = sps.t.ppf(0.975, 3)
+    for s in ("zero-shot", "p", "w -> p"):
+        scores = [c["test_score"] for c in doc["cells"] if c["strategy"] == s]
+        half = t3 * statistics.stdev(scores) / 2
+        assert st["strategies"][s]["runs"] == 4
+        assert st["strategies"][s]["test_mean"] == round(statistics.fmean(scores), 2)
+        if half:
+            assert st["strategies"][s]["test_ci95"] == pytest.approx(
+                [statistics.fmean(scores) - half, statistics.fmean(scores) + half], abs=0.006)
+        else:
+            assert st["strategies"][s]["test_ci95"] == [st["strategies"][s]["test_mean"]] * 2
+    assert st["best_combined"] == "w -> p"
+    assert [(c["a"], c["b"]) for c in st["comparisons"]] == [("p", "zero-shot"), ("w -> p", "zero-shot"),
+                                                            ("w -> p", "p")]
+    # p against zero-shot, by hand: run pairs by (data seed, seed), every test example of each pooled
+    comp = st["comparisons"][0]
+    a_better = b_better = 0
+    diffs = []
+    for d in (0, 1):
+        for seed in (0, 1):
+            mine, base = records(f"p-d{d}-s{seed}"), records(f"zero-shot-d{d}-s{seed}")
+            a_better += sum(x["score"] > y["score"] for x, y in zip(mine, base))
+            b_better += sum(x["score"] < y["score"] for x, y in zip(mine, base))
+            diffs.append(100 * (sum(x["score"] for x in mine) - sum(y["score"] for y in base)) / len(mine))
+    assert (comp["pairs"], comp["run_pairs"], comp["method"]) == (60, 4, "mcnemar-exact")
+    assert (comp["a_better"], comp["b_better"]) == (a_better, b_better) and a_better > b_better
+    p = sps.binomtest(b_better, a_better + b_better, 0.5).pvalue
+    assert comp["p_value"] == float(f"{p:.3g}")
+    assert comp["diff"] == pytest.approx(statistics.fmean(diffs), abs=0.006)
+    half = t3 * statistics.stdev(diffs) / 2
+    assert comp["diff_ci95"] == pytest.approx([statistics.fmean(diffs) - half, statistics.fmean(diffs) + half],
+                                              abs=0.006)
+
+    table = (out / "table.md").read_text()
+    assert "Data splits (seeds): [0, 1]." in table
+    row = next(line for line in table.splitlines() if line.startswith("| p |")).replace("**", "")
+    assert row.endswith("(n=4) |") and f"{st['strategies']['p']['test_mean']:.1f} [" in row
+    paired = table.split("### Paired tests: Iris, fake-model")[1]
+    assert f"| p | zero-shot | {comp['diff']:+.1f} | [{comp['diff_ci95'][0]:+.1f}, {comp['diff_ci95'][1]:+.1f}] |" in paired
+    assert f"| {a_better} / {b_better} | 60 | 4 |" in paired
+
+    html_path, md = write_report(out)
+    html = html_path.read_text()
+    assert "Intervals and paired tests" in html and "data split 1" in html
+    assert html.count("mcnemar-exact") == 3  # the paired tests once, in the task's section
+    assert "### Paired tests: Iris, fake-model" in md
+
+
+def test_data_seeds_must_be_integers_and_data_seed_stays_one_split(tmp_path):
+    for bad in ('data_seeds = [0, "a"]', "data_seeds = 3", "data_seeds = [0, 1.5]", "data_seeds = []",
+                "data_seeds = [true]"):
+        with pytest.raises(ValueError, match=r"^`data_seeds` must be a non-empty list of integers") as err:
+            load_experiment(write_experiment(tmp_path, extra=bad + "\n"))
+        assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="`data_seeds` must be .* got \\['0', 'x'\\]"):
+        load_experiment(write_experiment(tmp_path), ["data_seeds=0,x"])
+    with pytest.raises(ValueError, match="`data_seeds` repeats a value"):
+        load_experiment(write_experiment(tmp_path), ["data_seeds=1,1"])
+    with pytest.raises(ValueError, match="not both"):
+        load_experiment(write_experiment(tmp_path, extra="data_seed = 0\ndata_seeds = [0, 1]\n"))
+    with pytest.raises(ValueError, match="`data_seeds` must be"):
+        load_experiment(write_experiment(tmp_path, extra='data_seed = "a"\n'))
+
+    # data_seed = n: one split for every run, directory names as before
+    one = load_experiment(write_experiment(tmp_path, extra="data_seed = 3\n"))
+    assert one.data_seeds == [3] and "data_seed" not in one.settings
+    assert [(c.run_dir.name, c.cfg.split_seed()) for c in one.cells()[:2]] == [("zero-shot-s0", 3), ("p-s0", 3)]
+    # --set wins over the file, either way round
+    many = load_experiment(write_experiment(tmp_path, extra="data_seed = 3\n"), ["data_seeds=4,5"])
+    assert [c.run_dir.name for c in many.cells()][:4] == ["zero-shot-d4-s0", "p-d4-s0", "wp-d4-s0", "zero-shot-d5-s0"]
+    back = load_experiment(write_experiment(tmp_path, extra="data_seeds = [0, 1]\n"), ["data_seed=2"])
+    assert back.data_seeds == [2] and {c.cfg.data_seed for c in back.cells()} == {2}
+    # no data seed at all: each seed draws its own split, as before
+    plain = load_experiment(write_experiment(tmp_path))
+    assert plain.data_seeds is None and [c.cfg.split_seed() for c in plain.cells()] == [0, 0, 0, 1, 1, 1]
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -192,8 +281,18 @@ def test_report_of_an_experiment_and_of_one_run(tmp_path):
     text = path.read_text()
     assert path == tmp_path / "out" / "report.html"
     for section in ("Results table", "Paper (Table 1)", "Scores after each step", "Time and tokens per step",
-                    "Instructions and demos", "Fixed and broken test examples", "fixed"):
+                    "Intervals and paired tests", "Instructions and demos", "Fixed and broken test examples",
+                    "fixed"):
         assert section in text, section
+    stats = json.loads((tmp_path / "out" / "results.json").read_text())["statistics"]["iris"]["fake-model"]
+    p = stats["strategies"]["p"]
+    interval = f"{p['test_mean']:.1f} [{p['test_ci95'][0]:.1f}, {p['test_ci95'][1]:.1f}] (n=2)"
+    # in the results table (maybe bold: the best) and in the task's intervals (test, then dev)
+    assert re.search(r"<tr><td>p</td><td>(<b>)?" + re.escape(interval) + r"(</b>)?</td></tr>", text)
+    assert f"<tr><td>p</td><td>{interval}</td><td>{p['dev_mean']:.1f}" in text
+    assert [(c["a"], c["b"]) for c in stats["comparisons"]] == [("p", "zero-shot"), ("p -> w", "zero-shot"),
+                                                               ("p -> w", "p")]
+    assert text.count("mcnemar-exact") == 3
     assert text.count("src='data:image/png;base64,") >= 2
     assert not re.search(r"(src|href)=['\"]https?:", text)  # self-contained
     assert "| strategy | Iris |" in md and "fixed" in md
@@ -284,7 +383,7 @@ def test_hotpotqa_runs_through_run_cell_and_resumes_with_its_retriever(tmp_path)
                       strategy="p -> w", data=str(DATA / "hotpotqa"))
     calls: list = []
     res = run_cell(cfg, lm, run_dir=tmp_path / "run", trainer=fake_trainer(calls))
-    assert [h["kind"] for h in res["history"]] == ["p", "w"] and res["test_n"] == 10
+    assert kinds(res["history"]) == ["p", "w"] and res["test_n"] == 10
     assert res["prompt_sizes"] == [9, 21]  # the paper's 100/250, scaled to 30
     rec = json.loads((tmp_path / "run" / "test_records.json").read_text())[0]
     assert rec["prediction"]["retrieved_titles"] and "gold_titles" in rec["example"]

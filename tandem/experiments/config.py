@@ -71,10 +71,15 @@ class RunConfig:
 
 
 def _coerce(name: str, raw: str) -> Any:
-    if name in ("seed", "data_seed", "num_candidates", "max_demos", "threads", "prompt_train", "prompt_val"):
-        return int(raw)
-    if name == "sizes":
-        return tuple(int(x) for x in raw.split(","))
+    """A ``--set name=raw`` value as the setting's type; a one-line ValueError naming it when it is not one."""
+    try:
+        if name in ("seed", "data_seed", "num_candidates", "max_demos", "threads", "prompt_train", "prompt_val"):
+            return int(raw)
+        if name == "sizes":
+            return tuple(int(x) for x in raw.split(","))
+    except ValueError:
+        what = "three integers, train,dev,test" if name == "sizes" else "an integer"
+        raise ValueError(f"setting `{name}` must be {what}, got {raw!r}") from None
     return raw
 
 

@@ -1,10 +1,11 @@
-"""Experiments: tasks x models x strategies x seeds from one TOML file, as the paper's Table 1.
+"""Experiments: tasks x models x strategies x data splits x seeds from one TOML file, as Table 1.
 
     # tandem experiment examples/iris_table.toml
     tasks = ["iris"]
     models = ["smollm2-135m"]
     strategies = ["zero-shot", "p", "w", "p -> w", "w -> p", "p -> w -> p"]
-    seeds = [0, 1, 2]
+    data_seeds = [0, 1, 2, 3, 4]   # train/dev/test splits; or data_seed = 0 (one split)
+    seeds = [0, 1, 2]              # optimizer seeds, on every split
     out = "runs/exp-iris"
 
     # Any `tandem optimize` setting applies to every run ...
@@ -16,14 +17,17 @@
     [per_task.gsm8k]
     sizes = [200, 100, 200]
 
-Each run (one task, model, strategy and seed; "zero-shot" is the program as
-it is) goes to ``<out>/<task>/<model>/<strategy>-s<seed>/`` through
-``run_cell``, exactly as ``tandem optimize`` would. A run whose
-results.json exists is skipped; a killed one resumes from its last finished
-step. One LM per model serves all of that model's runs and is closed when
-they are done. After every run ``<out>/results.json`` (all runs) and
-``<out>/table.md`` are rewritten, so a long experiment can be read while it
-runs.
+Each run (one task, model, strategy, data split and seed; "zero-shot" is the
+program as it is) goes to ``<out>/<task>/<model>/<strategy>-s<seed>/``
+(``<strategy>-d<data seed>-s<seed>/`` with more than one data seed) through
+``run_cell``, exactly as ``tandem optimize`` would. Without ``data_seeds``
+or ``data_seed`` each seed draws its own split (``RunConfig.split_seed``).
+A run whose results.json exists is skipped; a killed one resumes from its
+last finished step. One LM per model serves all of that model's runs and is
+closed when they are done. After every run ``<out>/results.json`` (all runs,
+and a ``statistics`` section: intervals over runs and paired tests, see
+``tandem.experiments.table``) and ``<out>/table.md`` are rewritten, so a
+long experiment can be read while it runs.
 """
 
 from __future__ import annotations
@@ -31,7 +35,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-import statistics
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
@@ -39,16 +42,18 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from tandem.experiments.config import RunConfig, _coerce, _number, read_toml
-from tandem.experiments.paper import PAPER_MODELS, normalize_strategy, paper_cell, task_label
+from tandem.experiments.paper import normalize_strategy
 from tandem.experiments.run import (
     RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
 )
+from tandem.experiments.table import statistics_section, table_markdown
 from tandem.optimize.base import Progress
 
 log = logging.getLogger(__name__)
 
-GRID_KEYS = ("tasks", "models", "strategies", "seeds", "out")
+GRID_KEYS = ("tasks", "models", "strategies", "seeds", "data_seeds", "out")
 _RUN_KEYS = {f.name for f in fields(RunConfig)} - {"task", "model", "strategy", "seed", "run_dir"}
+__all__ = ["Cell", "Experiment", "load_experiment", "run_experiment", "load_results", "table_markdown"]
 
 
 @dataclass
@@ -57,32 +62,40 @@ class Experiment:
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     strategies: list[str] = field(default_factory=lambda: ["zero-shot", "p", "w", "p -> w", "w -> p", "p -> w -> p"])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    data_seeds: list[int] | None = None  # train/dev/test split seeds; None: each run's split_seed()
     out: Path = Path("runs/experiment")
     settings: dict = field(default_factory=dict)  # RunConfig settings for every run
     per_task: dict[str, dict] = field(default_factory=dict)  # task -> settings that win over `settings`
     source: str | None = None  # the TOML file
 
-    def config(self, task: str, model: str, strategy: str, seed: int) -> RunConfig:
+    def config(self, task: str, model: str, strategy: str, seed: int, data_seed: int | None = None) -> RunConfig:
         values = _merge(self.settings, self.per_task.get(task, {}))
+        if data_seed is not None:
+            values["data_seed"] = data_seed
         return RunConfig(task=task, model=model, strategy=strategy, seed=seed, **values)
 
     def cells(self) -> list["Cell"]:
-        """Every run, model-major (one engine at a time), then task, then seed, then strategy:
-        partial results give every strategy a first seed before any gets a second."""
+        """Every run, model-major (one engine at a time), then task, then seed, then data seed, then
+        strategy: partial results give every strategy a first seed on every split before a second."""
         out = []
+        splits: list[int | None] = list(self.data_seeds) if self.data_seeds else [None]
         for model in self.models:
             for task in self.tasks:
                 for seed in self.seeds:
-                    for strategy in self.strategies:
-                        cfg = self.config(task, model, strategy, seed)
-                        run_dir = self.out / Path(task).stem / _slug(model) / f"{strategy_slug(strategy)}-s{seed}"
-                        cfg.run_dir = str(run_dir)
-                        out.append(Cell(task, model, strategy, seed, cfg, run_dir, self.out))
+                    for data_seed in splits:
+                        tag = f"-d{data_seed}" if len(splits) > 1 else ""
+                        for strategy in self.strategies:
+                            cfg = self.config(task, model, strategy, seed, data_seed)
+                            name = f"{strategy_slug(strategy)}{tag}-s{seed}"
+                            run_dir = self.out / Path(task).stem / _slug(model) / name
+                            cfg.run_dir = str(run_dir)
+                            out.append(Cell(task, model, strategy, seed, cfg, run_dir, self.out, data_seed))
         return out
 
     def to_dict(self) -> dict:
         return {"tasks": self.tasks, "models": self.models, "strategies": self.strategies, "seeds": self.seeds,
-                "out": str(self.out), "settings": self.settings, "per_task": self.per_task, "source": self.source}
+                "data_seeds": self.data_seeds, "out": str(self.out), "settings": self.settings,
+                "per_task": self.per_task, "source": self.source}
 
 
 @dataclass
@@ -94,10 +107,12 @@ class Cell:
     cfg: RunConfig
     run_dir: Path
     cfg_out: Path | None = None
+    data_seed: int | None = None  # set when the experiment has data_seeds
 
     @property
     def label(self) -> str:
-        return f"{Path(self.task).stem} / {self.model} / {self.strategy} / seed {self.seed}"
+        split = "" if self.data_seed is None else f" / data seed {self.data_seed}"
+        return f"{Path(self.task).stem} / {self.model} / {self.strategy}{split} / seed {self.seed}"
 
     @property
     def path(self) -> str:
@@ -152,12 +167,32 @@ def _list(raw: str) -> list[str]:
     return [x.strip() for x in raw.split(",") if x.strip()]
 
 
+def _int_list(key: str, value: Any, text: bool = False) -> list[int]:
+    """``value`` as a non-empty list of distinct ints, or a one-line error (``text``: strings from --set)."""
+    example = {"seeds": "seeds = [0, 1, 2]", "data_seeds": "data_seeds = [0, 1, 2, 3, 4]"}[key]
+    items = value if isinstance(value, list) else None
+    out: list[int] = []
+    for x in items or []:
+        if text and isinstance(x, str) and x.strip().lstrip("-").isdigit():
+            x = int(x)
+        if not isinstance(x, int) or isinstance(x, bool):
+            items = None
+            break
+        out.append(x)
+    if not items:
+        raise ValueError(f"`{key}` must be a non-empty list of integers (e.g. {example}), got {value!r}")
+    if len(set(out)) != len(out):
+        raise ValueError(f"`{key}` repeats a value: {out}")
+    return out
+
+
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> Experiment:
     """The experiment in a TOML file, with ``key=value`` overrides (``--set``) applied last.
 
-    Overrides: ``seeds=0,1`` or ``tasks=iris,gsm8k`` (grid keys, comma-separated),
-    ``sizes=50,50,50`` or ``lora.epochs=1`` (every run), ``per_task.gsm8k.sizes=...``
-    (one task's runs).
+    Overrides: ``seeds=0,1``, ``data_seeds=0,1,2`` or ``tasks=iris,gsm8k`` (grid keys,
+    comma-separated), ``sizes=50,50,50`` or ``lora.epochs=1`` (every run),
+    ``per_task.gsm8k.sizes=...`` (one task's runs). ``data_seed = n`` (file or
+    override) is ``data_seeds = [n]``: one split for every run.
     """
     doc: dict[str, Any] = {}
     base = Path(".")
@@ -169,6 +204,10 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     per_task = {k: dict(v) for k, v in (doc.pop("per_task", None) or {}).items()}
     grid = {k: doc.pop(k) for k in GRID_KEYS if k in doc}
     settings = dict(doc)
+    if "data_seed" in settings:  # one split: the same as data_seeds = [n]
+        if "data_seeds" in grid:
+            raise ValueError("give `data_seed` (one split) or `data_seeds` (several), not both")
+        grid["data_seeds"] = [settings.pop("data_seed")]
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -176,10 +215,15 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         if key in GRID_KEYS:
             if key == "out":
                 grid["out"] = raw
-            elif key == "seeds":
-                grid["seeds"] = [int(x) for x in _list(raw)]
+            elif key in ("seeds", "data_seeds"):
+                grid[key] = _int_list(key, _list(raw), text=True)
             else:
                 grid[key] = _list(raw)
+            continue
+        if key == "data_seed":  # wins over the file's data_seeds and any [per_task] data_seed
+            grid["data_seeds"] = _int_list("data_seeds", [raw], text=True)
+            for values_ in per_task.values():
+                values_.pop("data_seed", None)
             continue
         # An override for every run also wins over the file's [per_task] tables.
         targets = [settings, *per_task.values()]
@@ -195,9 +239,12 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
                 target[key] = _coerce(key, raw)
     if "tasks" not in grid:
         raise ValueError("an experiment needs `tasks = [...]` (e.g. tasks = [\"iris\"])")
-    for key in ("tasks", "models", "strategies", "seeds"):
+    for key in ("tasks", "models", "strategies"):
         if key in grid and (not isinstance(grid[key], list) or not grid[key]):
             raise ValueError(f"`{key}` must be a non-empty list, got {grid[key]!r}")
+    for key in ("seeds", "data_seeds"):
+        if key in grid:
+            grid[key] = _int_list(key, grid[key])
     _check_settings(settings, str(path or "experiment"))
     for task, values_ in per_task.items():
         _check_settings(values_, f"[per_task.{task}]")
@@ -205,6 +252,9 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         # that names no built-in task and no task in the list is a typo.
         if task not in grid["tasks"] and task not in _builtin_tasks():
             raise ValueError(f"[per_task.{task}]: {task!r} is not in tasks {grid['tasks']}")
+        if "data_seed" in values_ and "data_seeds" in grid:
+            raise ValueError(f"[per_task.{task}]: data_seed conflicts with the experiment's data_seeds "
+                             f"{grid['data_seeds']}; set the splits once, in data_seeds")
     # Paths in the file are relative to the file, as in `tandem optimize --config`.
     if path is not None:
         for values_ in (settings, *per_task.values()):
@@ -215,7 +265,6 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     exp = Experiment(settings=settings, per_task=per_task, source=str(path) if path else None,
                      **{k: v for k, v in grid.items() if k != "out"})
     exp.out = Path(grid.get("out", "runs/experiment"))
-    exp.seeds = [int(s) for s in exp.seeds]
     from tandem.optimize.better_together import parse_strategy
 
     for s in exp.strategies:
@@ -296,7 +345,7 @@ def run_experiment(
 
 def cell_entry(cell: Cell, errors: dict[str, str] | None = None) -> dict:
     base = {"task": Path(cell.task).stem, "model": cell.model, "strategy": normalize_strategy(cell.strategy),
-            "seed": cell.seed, "run_dir": str(cell.run_dir), "path": cell.path}
+            "seed": cell.seed, "split_seed": cell.cfg.split_seed(), "run_dir": str(cell.run_dir), "path": cell.path}
     res = read_json(cell.run_dir / RESULTS)
     if res is not None:
         return {**res, **base, "status": res.get("status", "ok")}
@@ -309,109 +358,14 @@ def cell_entry(cell: Cell, errors: dict[str, str] | None = None) -> dict:
 def _write(exp: Experiment, cells: list[Cell], errors: dict, load_s: dict) -> dict:
     doc = {"experiment": exp.to_dict(), "model_load_s": load_s,
            "cells": [cell_entry(c, errors) for c in cells]}
+    doc["statistics"] = statistics_section(doc)
     write_json(exp.out / "results.json", doc)
     (exp.out / "table.md").write_text(table_markdown(doc))
     return doc
 
 
-# -- the table ----------------------------------------------------------------------------
-def mean_std(values: list[float]) -> tuple[float, float | None]:
-    m = statistics.fmean(values)
-    return m, (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def _fmt(values: list[float]) -> str:
-    if not values:
-        return "–"
-    m, s = mean_std(values)
-    return f"{m:.1f} ± {s:.1f} (n={len(values)})" if s is not None else f"{m:.1f} (n=1)"
-
-
-def _row(cells: list[str]) -> str:
-    return "| " + " | ".join(cells) + " |"
-
-
-def table_markdown(doc: dict) -> str:
-    """The experiment as Table 1: strategies x tasks, ours (mean ± std over seeds) and the paper's."""
-    exp = doc["experiment"]
-    entries = doc["cells"]
-    tasks = [Path(t).stem for t in exp["tasks"]]
-    strategies = [normalize_strategy(s) for s in exp["strategies"]]
-    ok = [e for e in entries if e.get("status") == "ok"]
-    lines = [f"# Experiment {exp['out']}", ""]
-    counts = {s: sum(1 for e in entries if e.get("status") == s) for s in ("ok", "partial", "pending", "failed")}
-    lines.append(f"Runs: {counts['ok']} finished, {counts['partial']} partial, {counts['pending']} pending, "
-                 f"{counts['failed']} failed (of {len(entries)}). Seeds: {exp['seeds']}.")
-    sizes = {}
-    for e in ok:
-        sz = e.get("sizes") or {}
-        sizes.setdefault(e["task"], set()).add(f"{sz.get('train')}/{sz.get('dev')}/{sz.get('test')}")
-    if sizes:
-        lines.append("Splits (train/dev/test): " + "; ".join(
-            f"{task_label(t)} {', '.join(sorted(v))}" for t, v in sizes.items()) + ".")
-    lines.append("")
-    header = _row(["strategy", *[task_label(t) for t in tasks]])
-    sep = _row(["---"] * (len(tasks) + 1))
-    for model in exp["models"]:
-        lines += [f"## Ours: {model}", "",
-                  "Test accuracy %, mean ± sample std over seeds (n: seeds finished); best mean per column in bold.",
-                  "", header, sep]
-        scores = {(s, t): [e["test_score"] for e in ok if e["model"] == model and e["strategy"] == s
-                           and e["task"] == t] for s in strategies for t in tasks}
-        best = {t: max((statistics.fmean(scores[s, t]) for s in strategies if scores[s, t]), default=None)
-                for t in tasks}
-        for s in strategies:
-            row = [s]
-            for t in tasks:
-                text = _fmt(scores[s, t])
-                if scores[s, t] and best[t] is not None and abs(statistics.fmean(scores[s, t]) - best[t]) < 1e-9:
-                    text = f"**{text}**"
-                row.append(text)
-            lines.append(_row(row))
-        lines += ["", "Mean time per run, seconds (the steps' wall times, validation included; "
-                  "zero-shot: its dev and test evaluation):", "", header, sep]
-        for s in strategies:
-            row = [s]
-            for t in tasks:
-                times = [_run_seconds(e) for e in ok if e["model"] == model and e["strategy"] == s and e["task"] == t]
-                row.append(_seconds(statistics.fmean(times)) if times else "–")
-            lines.append(_row(row))
-        lines.append("")
-    known = [t for t in tasks if any(paper_cell(s, t) for s in strategies)]
-    lines += [f"## Paper (Table 1): {' / '.join(PAPER_MODELS)}", ""]
-    if known:
-        lines += ["Test accuracy %, mean of 3 seeds, as transcribed in the project's paper notes "
-                  "(approximate; –: no number). Larger models and the paper's splits: compare the "
-                  "ordering of strategies, not the levels.", "",
-                  _row(["strategy", *[task_label(t) for t in known]]), _row(["---"] * (len(known) + 1))]
-        for s in strategies:
-            row = [s]
-            for t in known:
-                cell = paper_cell(s, t)
-                row.append(" / ".join("–" if v is None else f"{v:.1f}" for v in cell) if cell else "not in paper")
-            lines.append(_row(row))
-    else:
-        lines.append("The paper has none of these tasks.")
-    failed = [e for e in entries if e.get("status") == "failed"]
-    if failed:
-        lines += ["", "## Failed runs", ""]
-        lines += [f"- {e['task']} / {e['model']} / {e['strategy']} / seed {e['seed']}: {e.get('error', '')}"
-                  for e in failed]
-    return "\n".join(lines) + "\n"
-
-
-def _seconds(v: float) -> str:
-    return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
-
-
-def _run_seconds(e: dict) -> float:
-    if e.get("history"):
-        return e.get("optimize_s") or sum(r.get("wall_s") or 0 for r in e["history"])
-    return e.get("wall_s") or 0.0
-
-
 def load_results(out: str | Path) -> dict:
-    """``<out>/results.json`` of an experiment, refreshed from its cells' run directories."""
+    """``<out>/results.json`` of an experiment, refreshed from its cells' run directories (statistics too)."""
     out = Path(out)
     doc = read_json(out / "results.json")
     if doc is None or "cells" not in doc:
@@ -421,8 +375,9 @@ def load_results(out: str | Path) -> dict:
         run_dir = out / e["path"] if e.get("path") else Path(e["run_dir"])
         e = {**e, "run_dir": str(run_dir)}
         res = read_json(run_dir / RESULTS)
-        fresh.append({**res, **{k: e[k] for k in ("task", "model", "strategy", "seed", "run_dir", "path")},
-                      "status": res.get("status", "ok")} if res is not None else e)
+        keep = {k: e[k] for k in ("task", "model", "strategy", "seed", "split_seed", "run_dir", "path") if k in e}
+        fresh.append({**res, **keep, "status": res.get("status", "ok")} if res is not None else e)
     doc["cells"] = fresh
+    doc["statistics"] = statistics_section(doc)
     return doc
 

@@ -6,9 +6,11 @@
 The HTML has no external assets (plots are base64 PNGs from matplotlib,
 styles inline), so it can be mailed or attached as it is. Sections:
 
-- the results table (an experiment: strategies x tasks, ours and the paper's);
-- scores after each step, with the spread over seeds (an experiment: per task,
-  each strategy's validation score after each step and its test score);
+- the results table (an experiment: strategies x tasks, mean [95% CI] over
+  runs, ours and the paper's);
+- scores after each step, with the spread over runs (an experiment: per task,
+  each strategy's validation score after each step and its test score with
+  its interval; ``report_plots.py``), and the paired tests between strategies;
 - time and tokens per step;
 - each module's final instructions and demos (``final/program.json``);
 - test examples the optimization fixed and broke: the zero-shot program's
@@ -23,7 +25,6 @@ import html
 import io
 import json
 import re
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +58,9 @@ def write_report(path: str | Path, out: str | Path | None = None, max_examples: 
         raise FileNotFoundError(f"{path}: no such directory")
     doc = read_json(path / RESULTS)
     if isinstance(doc, dict) and "cells" in doc:
-        body, md = _experiment(path, max_examples)
+        from tandem.experiments.report_experiment import experiment_report
+
+        body, md = experiment_report(path, max_examples)
         title = f"tandem experiment {path}"
     elif doc is not None or (path / "history.json").exists() or (path / "plan.json").exists():
         body, md = _single(path, max_examples)
@@ -101,6 +104,11 @@ def _img(fig, alt: str) -> str:
     plt.close(fig)
     data = base64.b64encode(buf.getvalue()).decode("ascii")
     return f"<img alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
+
+
+def step_offset(history: list[dict]) -> int:
+    """The step number of ``history[0]``: 0 when it is the ``start`` record (the given program), else 1."""
+    return 0 if history and history[0].get("kind") == "start" else 1
 
 
 def _tokens(usage: dict | None) -> int:
@@ -256,6 +264,8 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
     strategy = res.get("strategy") or plan.get("strategy") or cfg.get("strategy", "?")
     model = res.get("model") or cfg.get("model", "?")
     seed = res.get("seed", cfg.get("seed"))
+    first = step_offset(history)  # the number of history[0]: 0 for the start record
+    number = {id(h): first + i for i, h in enumerate(history)}
     finished = bool(res)
     parts = [f"<h1>{_e(task_label(task))}: {_e(strategy)}</h1>",
              f"<p class='muted'>run directory {_e(run_dir)}; model {_e(model)}; seed {_e(seed)}"
@@ -265,7 +275,7 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
         ["splits (train/dev/test)", f"{sizes.get('train', '?')}/{sizes.get('dev', '?')}/{sizes.get('test', '?')}"],
         ["prompt-step sizes (bootstrap/select)", "/".join(str(x) for x in res.get("prompt_sizes") or []) or "–"],
         ["dev score of the returned program", _fmt(res.get("dev_score"))],
-        ["returned step", "–" if res.get("best_step") is None else str(res["best_step"] + 1)],
+        ["returned step", "–" if res.get("best_step") is None else str(res["best_step"] + first)],
         ["test score", _fmt(res.get("test_score"))],
         ["zero-shot test score", _fmt(res.get("zero_shot_test_score"))],
         ["fixed / broken test examples", f"{res.get('fixed', '–')} / {res.get('broken', '–')}"],
@@ -278,8 +288,8 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
 
     parts.append("<h2>Scores after each step</h2>")
     if history:
-        xs = list(range(1, len(history) + 1))
-        labels = [f"{h['index'] + 1}: {h['kind']}" for h in history]
+        xs = [number[id(h)] for h in history]
+        labels = [f"{number[id(h)]}: {h['kind']}" for h in history]
         fig, ax = plt.subplots(figsize=(7.5, 3.6))
         ax.plot(xs, [h.get("val_score") for h in history], "o-", label="dev (validation) after the step")
         inner = [h.get("inner_score") for h in history]
@@ -289,7 +299,7 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
         if res.get("zero_shot_test_score") is not None:
             ax.axhline(res["zero_shot_test_score"], color="grey", ls=":", label="zero-shot, test")
         if res.get("test_score") is not None and res.get("best_step") is not None:
-            ax.plot([res["best_step"] + 1], [res["test_score"]], "*", ms=14, color="C3", label="returned program, test")
+            ax.plot([res["best_step"] + first], [res["test_score"]], "*", ms=14, color="C3", label="returned program, test")
         ax.set_xticks(xs, labels)
         ax.set_ylabel("score %")
         ax.set_ylim(-3, 103)
@@ -302,7 +312,7 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
         a2.bar(labels, [_tokens(h.get("usage")) for h in history], color="C1")
         a2.set_title("tokens per step (prompt + output)", fontsize=10)
         parts += ["<h2>Time and tokens per step</h2>", _img(fig, "time and tokens per step")]
-        rows = [[h["index"] + 1, h["kind"], h.get("status"), h.get("val_score"), h.get("inner_score"),
+        rows = [[number[id(h)], h["kind"], h.get("status"), h.get("val_score"), h.get("inner_score"),
                  round(h.get("wall_s") or 0.0, 1), (h.get("usage") or {}).get("calls", 0), _tokens(h.get("usage")),
                  h.get("train_examples") if h["kind"] == "w" else "–", _short(h.get("detail", ""), 160)]
                 for h in history]
@@ -318,7 +328,7 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
     md = [f"# {task_label(task)}: {strategy} (model {model}, seed {seed})", ""]
     if history:
         md += ["| step | kind | status | dev % | wall s | tokens |", "|---|---|---|---|---|---|"]
-        md += [f"| {h['index'] + 1} | {h['kind']} | {h.get('status')} | {_fmt(h.get('val_score'))} | "
+        md += [f"| {number[id(h)]} | {h['kind']} | {h.get('status')} | {_fmt(h.get('val_score'))} | "
                f"{(h.get('wall_s') or 0):.0f} | {_tokens(h.get('usage'))} |" for h in history]
         md.append("")
     if finished:
@@ -328,150 +338,3 @@ def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
         md.append("not finished: no results.json")
     md += _program_md(run_dir)
     return "\n".join(parts), "\n".join(md) + "\n"
-
-
-# -- an experiment ----------------------------------------------------------------------------------------
-def _experiment(out: Path, max_examples: int) -> tuple[str, str]:
-    from tandem.experiments.grid import _run_seconds, load_results, table_markdown
-
-    plt = _pyplot()
-    doc = load_results(out)
-    exp = doc["experiment"]
-    table = table_markdown(doc)
-    cells = [c for c in doc["cells"] if c.get("status") == "ok"]
-    strategies = list(dict.fromkeys(c["strategy"] for c in doc["cells"]))
-    tasks = list(dict.fromkeys(c["task"] for c in doc["cells"]))
-    models = list(dict.fromkeys(c["model"] for c in doc["cells"]))
-    parts = [f"<h1>Experiment {_e(out)}</h1>",
-             f"<p class='muted'>tasks {_e(', '.join(tasks))}; models {_e(', '.join(models))}; "
-             f"seeds {_e(exp.get('seeds'))}; config {_e(exp.get('source') or '–')}</p>",
-             "<h2>Results table</h2>", _md_to_html(table.split("\n", 1)[1])]  # without its title
-    md = [table]
-    colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
-
-    for model in models:
-        for task in tasks:
-            mine = [c for c in cells if c["model"] == model and c["task"] == task]
-            head = f"{task_label(task)} · {model}"
-            parts.append(f"<h2>{_e(head)}</h2>")
-            if not mine:
-                parts.append("<p class='muted'>no finished runs yet</p>")
-                continue
-            by_s = {s: [c for c in mine if c["strategy"] == s] for s in strategies}
-            by_s = {s: v for s, v in by_s.items() if v}
-            parts += ["<h3>Scores after each step</h3>",
-                      "<p class='muted'>Left: the validation (dev) score after each step, mean over seeds with "
-                      "the min–max band; step 0 is the zero-shot program. Right: the returned program's test "
-                      "score, mean ± std, one dot per seed.</p>", _score_plots(plt, by_s, colors, head)]
-            cost = _cost_plots(plt, by_s, colors, head)
-            if cost:
-                parts += ["<h3>Time and tokens per step</h3>", cost]
-            # fixed / broken per strategy and seed
-            rows, md_rows = [], []
-            for s, runs in by_s.items():
-                for c in sorted(runs, key=lambda c: c["seed"]):
-                    rows.append([s, c["seed"], c.get("dev_score"), c.get("test_score"), c.get("zero_shot_test_score"),
-                                 c.get("fixed"), c.get("broken"), round(_run_seconds(c), 1)])
-                fixed = [c.get("fixed") or 0 for c in runs]
-                broken = [c.get("broken") or 0 for c in runs]
-                md_rows.append(f"- {task_label(task)} / {model} / {s}: fixed {statistics.fmean(fixed):.1f}, "
-                               f"broken {statistics.fmean(broken):.1f} test examples per seed (n={len(runs)})")
-            parts += ["<h3>Runs</h3>", _table(["strategy", "seed", "dev %", "test %", "zero-shot test %", "fixed",
-                                               "broken", "time s"], rows, numeric={1, 2, 3, 4, 5, 6, 7})]
-            md += [f"## {head}: fixed / broken vs zero-shot", *md_rows, ""]
-            parts.append("<h3>Final programs and fixed / broken examples</h3>")
-            for s, runs in by_s.items():
-                for c in sorted(runs, key=lambda c: c["seed"]):
-                    run_dir = Path(c["run_dir"])
-                    parts.append(
-                        f"<details><summary>{_e(s)} · seed {c['seed']} · test {_fmt(c.get('test_score'))}% · "
-                        f"{c.get('fixed', '–')} fixed / {c.get('broken', '–')} broken</summary>"
-                        f"<p class='muted'>run directory {_e(run_dir)}</p>"
-                        f"<h4>Instructions and demos</h4>{_program_html(run_dir)}"
-                        f"<h4>Fixed and broken test examples</h4>{_changes_html(run_dir, max_examples)}</details>")
-    return "\n".join(parts), "\n".join(md) + "\n"
-
-
-def _score_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str) -> str:
-    """Left: validation score after each step (mean over seeds, band min..max, dots per seed);
-    step 0 is the zero-shot program's dev score when the experiment has it. Right: test score."""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.9), gridspec_kw={"width_ratios": [1.25, 1]})
-    zero = [c["dev_score"] for c in by_s.get("zero-shot", []) if c.get("dev_score") is not None]
-    max_steps = 1
-    for s, runs in by_s.items():
-        if s == "zero-shot":
-            continue
-        n = max(len(c.get("history") or []) for c in runs)
-        max_steps = max(max_steps, n)
-        xs, means, lo, hi = [], [], [], []
-        if zero:
-            xs.append(0)
-            means.append(statistics.fmean(zero))
-            lo.append(min(zero))
-            hi.append(max(zero))
-        for i in range(n):
-            vals = [c["history"][i]["val_score"] for c in runs
-                    if len(c.get("history") or []) > i and c["history"][i].get("val_score") is not None]
-            if not vals:
-                continue
-            xs.append(i + 1)
-            means.append(statistics.fmean(vals))
-            lo.append(min(vals))
-            hi.append(max(vals))
-            a1.scatter([i + 1] * len(vals), vals, s=10, color=colors[s], alpha=0.35)
-        a1.plot(xs, means, "o-", color=colors[s], label=s)
-        a1.fill_between(xs, lo, hi, color=colors[s], alpha=0.12)
-    if zero:
-        a1.scatter([0] * len(zero), zero, s=10, color="grey", alpha=0.5)
-    a1.set_xticks(range(0 if zero else 1, max_steps + 1))
-    a1.set_xlabel("step (0: zero-shot)" if zero else "step")
-    a1.set_ylabel("dev score % (mean; band: min–max over seeds)")
-    a1.set_ylim(-3, 103)
-    a1.grid(alpha=0.3)
-    a1.legend(fontsize=8)
-    a1.set_title(f"{title}: validation after each step", fontsize=10)
-    names = list(by_s)
-    for i, s in enumerate(names):
-        vals = [c["test_score"] for c in by_s[s] if c.get("test_score") is not None]
-        if not vals:
-            continue
-        m = statistics.fmean(vals)
-        sd = statistics.stdev(vals) if len(vals) > 1 else 0.0
-        a2.bar(i, m, color=colors[s], alpha=0.8, yerr=sd, capsize=4)
-        a2.scatter([i] * len(vals), vals, s=12, color="black", zorder=3)
-        if m >= 12:
-            a2.text(i, 3, f"{m:.1f}", ha="center", fontsize=8, color="white", fontweight="bold")
-        else:
-            a2.text(i, m + sd + 2, f"{m:.1f}", ha="center", fontsize=8)
-    a2.set_xticks(range(len(names)), names, rotation=25, ha="right", fontsize=8)
-    a2.set_ylim(0, 103)
-    a2.set_ylabel("test score % (mean ± std; dots: seeds)")
-    a2.grid(alpha=0.3, axis="y")
-    a2.set_title(f"{title}: test", fontsize=10)
-    return _img(fig, f"{title} scores")
-
-
-def _cost_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str) -> str:
-    """Mean wall time and tokens of each step of each strategy (over seeds), as horizontal bars."""
-    labels, times, tokens, cols = [], [], [], []
-    for s, runs in by_s.items():
-        if s == "zero-shot":
-            continue
-        n = max(len(c.get("history") or []) for c in runs)
-        for i in range(n):
-            steps = [c["history"][i] for c in runs if len(c.get("history") or []) > i]
-            labels.append(f"{s}  ·  step {i + 1} ({steps[0]['kind']})")
-            times.append(statistics.fmean(h.get("wall_s") or 0.0 for h in steps))
-            tokens.append(statistics.fmean(_tokens(h.get("usage")) for h in steps))
-            cols.append(colors[s])
-    if not labels:
-        return ""
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.8 + 0.32 * len(labels)), sharey=True)
-    ys = list(range(len(labels)))[::-1]  # first strategy on top
-    for ax, vals, what in ((a1, times, "wall time per step, s"), (a2, tokens, "tokens per step (prompt + output)")):
-        ax.barh(ys, vals, color=cols)
-        ax.set_title(f"{what}, mean over seeds", fontsize=9)
-        ax.grid(alpha=0.3, axis="x")
-        ax.tick_params(axis="x", labelsize=8)
-    a1.set_yticks(ys, labels, fontsize=8)
-    return _img(fig, f"{title} time and tokens")
