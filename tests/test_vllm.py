@@ -119,3 +119,32 @@ def test_other_weights_load_into_the_running_engine_and_back(smollm_vllm, tmp_pa
     monkeypatch.setattr(V, "RELOAD_WEIGHTS", True)
     assert replies(smollm_vllm) == base  # and back into the same engine
     assert V.engine_stats()[-1]["reloaded"] is True
+
+
+def test_seeded_samples_repeat_with_the_cache_off_and_differ_by_seed(smollm_vllm):
+    # Prompts longer than a KV block, sent together: the engine batches them, and
+    # on a CPU a seeded request must not crash it (chunked prefill is off there).
+    text = "<|im_start|>user\nWrite one sentence about the number {}. " + "Be brief. " * 40 + "<|im_end|>\n" \
+        "<|im_start|>assistant\n"
+    def run(seed):
+        reqs = [Request(text.format(i), SamplingParams(temperature=1.0, max_tokens=24, seed=seed)) for i in range(8)]
+        return [c.text for c in smollm_vllm.generate(reqs)]
+
+    first, again, other = run(7), run(7), run(8)
+    assert first == again
+    assert first != other
+
+
+def test_bootstrap_with_the_same_seed_gives_the_same_traces(smollm_vllm):
+    from tandem.optimize import bootstrap
+
+    train = split_iris(load_iris(), seed=0)["train"][:8]
+    program = IrisClassifier().set_lm(smollm_vllm)
+
+    def traces():
+        boot = bootstrap(program, train, iris_metric, attempts=3, traces_per_example=2, seed=4, num_threads=1)
+        return boot.sources, [(r.attempt, [e.completion for e in r.entries]) for r in boot.runs]
+
+    first = traces()
+    assert first == traces()
+    assert sum(first[0].values()) == 8 and any(attempt > 0 for attempt, _ in first[1])

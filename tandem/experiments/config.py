@@ -35,6 +35,12 @@ from tandem.tasks.registry import Task, get_task
 from tandem.train import LoRAConfig
 
 
+#: The weight step's bootstrap settings and their defaults (chosen by
+#: measurement: docs/training.md, "Traces for the weight step").
+WEIGHT_STEP_KEYS = {"attempts": 6, "temperature": 0.7, "traces_per_example": 1, "hint_attempts": 2,
+                    "balance": "auto"}
+
+
 @dataclass
 class RunConfig:
     task: str = "iris"  # a built-in task name, or a path to a task .py file
@@ -51,6 +57,7 @@ class RunConfig:
     threads: int = 64  # concurrent program runs: enough to keep the engine's batch full
     run_dir: str | None = None  # default: runs/<task>-<strategy>-s<seed>
     lora: dict = field(default_factory=dict)  # LoRAConfig overrides
+    weight_step: dict = field(default_factory=dict)  # BootstrapFinetune's bootstrap settings (WEIGHT_STEP_KEYS)
     backend_options: dict = field(default_factory=dict)  # passed to the LM backend
 
     def lora_config(self) -> LoRAConfig:
@@ -60,6 +67,23 @@ class RunConfig:
             raise ValueError(f"unknown [lora] setting(s) {sorted(unknown)}; known: {sorted(known)}")
         cfg = LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.lora.items()})
         return replace(cfg, seed=self.seed)
+
+    def weight_step_options(self) -> dict:
+        """The ``[weight_step]`` settings, checked: unknown names and bad values are one-line errors."""
+        from tandem.optimize.balance import check_balance
+        from tandem.optimize.bootstrap import check_bootstrap_settings
+
+        unknown = set(self.weight_step) - set(WEIGHT_STEP_KEYS)
+        if unknown:
+            raise ValueError(f"unknown [weight_step] setting(s) {sorted(unknown)}; known: {list(WEIGHT_STEP_KEYS)}")
+        opts = {**WEIGHT_STEP_KEYS, **self.weight_step}
+        try:
+            check_bootstrap_settings(opts["attempts"], opts["temperature"], opts["traces_per_example"],
+                                     opts["hint_attempts"])
+            check_balance(opts["balance"])
+        except ValueError as exc:
+            raise ValueError(f"[weight_step] {exc}") from None
+        return opts
 
     def split_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
@@ -108,6 +132,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ValueError(f"override {item!r} is not key=value")
         if key.startswith("lora."):
             values.setdefault("lora", {})[key[5:]] = _number(raw)
+        elif key.startswith("weight_step."):
+            values.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
         else:
             values[key] = _coerce(key, raw)
     values.update({k: v for k, v in kwargs.items() if v is not None})
@@ -123,6 +149,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if v and (v.endswith(".py") or attr == "data") and not Path(v).is_absolute() and path is not None:
             setattr(cfg, attr, str(base / v))
     return cfg
+
+
+def setting_value(raw: str) -> Any:
+    """A ``--set section.key=raw`` value: a number, true/false, or the text."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    return _number(raw)
 
 
 def _number(raw: str) -> Any:

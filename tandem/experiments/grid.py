@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from tandem.experiments.config import RunConfig, _coerce, _number, read_toml
+from tandem.experiments.config import RunConfig, _coerce, _number, setting_value, read_toml
 from tandem.experiments.paper import normalize_strategy
 from tandem.experiments.run import (
     RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
@@ -235,6 +235,8 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
         for target in targets:
             if key.startswith("lora."):
                 target.setdefault("lora", {})[key[5:]] = _number(raw)
+            elif key.startswith("weight_step."):
+                target.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
             elif target is settings or key in target:
                 target[key] = _coerce(key, raw)
     if "tasks" not in grid:

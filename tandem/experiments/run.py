@@ -207,6 +207,7 @@ def run_cell(
             prompt_optimizer=RandomSearch(task.metric, num_candidates=cfg.num_candidates, max_demos=cfg.max_demos,
                                           num_threads=cfg.threads),
             weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads,
+                                               **cfg.weight_step_options(),
                                                **({"trainer": trainer} if trainer is not None else {})),
             splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
         )

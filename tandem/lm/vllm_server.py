@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from tandem.lm.models import resolve_model
+from tandem.lm.hardware import cpu_dtype
 
 
 def free_port() -> int:
@@ -74,7 +75,8 @@ class VLLMServer:
         cmd = [
             self.python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
             "--served-model-name", self.served_name, "--host", "127.0.0.1", "--port", str(self.port),
-            "--enforce-eager", "--dtype", "bfloat16", "--max-model-len", "4096", "--seed", "0",
+            "--enforce-eager", "--dtype", "bfloat16" if self.gpu else cpu_dtype(), "--max-model-len", "4096",
+            "--seed", "0",
             "--enable-prefix-caching" if prefix_caching else "--no-enable-prefix-caching",
             "--generation-config", "vllm",
         ]

@@ -14,15 +14,17 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, field
 from typing import Callable
 
 from tandem.evaluate.evaluate import Metric, run_example
 from tandem.lm.base import Usage
 from tandem.program.example import Example
 from tandem.program.module import Module
-from tandem.program.predict import sampling_override
+from tandem.program.predict import hint_override, sampling_override
 from tandem.program.trace import TraceEntry
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
 
@@ -40,17 +42,29 @@ class BootstrapRun:
     passed: bool
     entries: list[TraceEntry]  # the trace of this run
     failure: str | None = None
-    attempt: int = 0  # 0: greedy; k > 0: the k-th re-sample
+    attempt: int = 0  # 0: greedy; k > 0: the k-th sample
+    hinted: bool = False  # run with the gold answer as a hint (rationalization)
+
+
+#: How an example's kept runs were found, in the order they are tried.
+SOURCES = ("greedy", "sampled", "hint", "none")
 
 
 @dataclass
 class BootstrapResult:
-    runs: list[BootstrapRun]
+    runs: list[BootstrapRun]  # per example: its passing runs (up to traces_per_example), or its last failed one
     usage: Usage
+    sources: dict[str, int] = field(default_factory=dict)  # examples per SOURCES entry
+    attempts: int = 0  # program runs made, all examples together
 
     @property
     def passed(self) -> list[BootstrapRun]:
         return [r for r in self.runs if r.passed]
+
+    @property
+    def passed_examples(self) -> int:
+        """Examples with at least one passing run."""
+        return len({id(r.example) for r in self.passed})
 
     def calls(self, predictor: str) -> list[TraceEntry]:
         """Every call of ``predictor`` in passing runs, in example order then call index."""
@@ -58,6 +72,36 @@ class BootstrapResult:
         for r in self.passed:
             out.extend(sorted((e for e in r.entries if e.predictor == predictor), key=lambda e: e.call_index))
         return out
+
+    def summary(self) -> str:
+        n = sum(self.sources.values())
+        return (f"{self.passed_examples} of {n} examples passed ({self.sources.get('greedy', 0)} greedily, "
+                f"{self.sources.get('sampled', 0)} by sampling, {self.sources.get('hint', 0)} with the answer "
+                f"as a hint, {self.sources.get('none', 0)} not at all); {len(self.passed)} passing traces "
+                f"from {self.attempts} runs")
+
+
+def hint_text(example: Example) -> str:
+    """The gold labels of ``example`` as a hint line, e.g. ``Hint: the correct Species is setosa.``"""
+    parts = [f"{k.replace('_', ' ').title()} is {v}" for k, v in example.labels().items()]
+    return "Hint: the correct " + "; the correct ".join(parts) + "."
+
+
+def _mentions_hint(entries: list[TraceEntry]) -> bool:
+    """Whether a hinted run's replies speak of the hint (their training prompt will not show one)."""
+    return any(re.search(r"\bhint", e.completion, re.IGNORECASE) for e in entries)
+
+
+def check_bootstrap_settings(attempts: int, temperature: float, traces_per_example: int, hint_attempts: int) -> None:
+    """One-line errors naming the setting, before anything runs."""
+    if not isinstance(attempts, int) or attempts < 1:
+        raise ValueError(f"attempts must be an integer >= 1 (1: greedy only), not {attempts!r}")
+    if not isinstance(traces_per_example, int) or traces_per_example < 1:
+        raise ValueError(f"traces_per_example must be an integer >= 1, not {traces_per_example!r}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) or temperature < 0:
+        raise ValueError(f"temperature must be a number >= 0, not {temperature!r}")
+    if not isinstance(hint_attempts, int) or hint_attempts < 0:
+        raise ValueError(f"hint_attempts must be an integer >= 0 (0: no rationalization), not {hint_attempts!r}")
 
 
 def bootstrap(
@@ -69,66 +113,104 @@ def bootstrap(
     threshold: float = PASS_THRESHOLD,
     attempts: int = 1,
     temperature: float = 0.7,
+    traces_per_example: int = 1,
+    hint_attempts: int = 0,
+    seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     teacher_for: Callable[[int], Module] | None = None,
 ) -> BootstrapResult:
-    """Run ``program`` on each example concurrently and score it with the trace.
+    """Run ``program`` on each example concurrently and keep the runs that pass.
 
-    An example that fails greedily is tried again up to ``attempts - 1`` times,
-    sampled at ``temperature`` with seeds 1, 2, ... (deterministic, cacheable).
-    A small model that answers every input alike passes only the examples of
-    one class greedily; re-sampling finds passing traces for the others, which
-    is what demos and fine-tuning need (DSPy's bootstrap re-samples failed
-    examples the same way, over several rounds). The re-samples of one
-    example run at the same time, and the first passing one in seed order is
-    kept, so the result does not depend on which finishes first.
+    Per example: a greedy run first, then up to ``attempts - 1`` samples at
+    ``temperature`` (seeds derived from ``seed`` and the attempt number, so
+    reruns repeat and hit the call cache), in waves, stopping once
+    ``traces_per_example`` distinct passing runs are found. An example that
+    no run passed is then run up to ``hint_attempts`` times (greedy, then
+    samples) with its gold labels shown as a hint (rationalization, as in
+    STaR); a hinted run passes only if its replies do not speak of the hint,
+    and its trace records the inputs without the hint. A small model that
+    answers every input alike passes only one class greedily; sampling and
+    hints find passing traces for the others, which is what demos and
+    fine-tuning need.
 
     ``teacher_for(i)``: the program to run on example ``i`` (default:
     ``program``), e.g. one with labelled demos of the other examples.
     """
-    runs: list[BootstrapRun | None] = [None] * len(examples)
-    usage = Usage()
+    check_bootstrap_settings(attempts, temperature, traces_per_example, hint_attempts)
+    per_example: list[tuple[list[BootstrapRun], str, int, Usage] | None] = [None] * len(examples)
 
-    def attempt_run(prog: Module, i: int, attempt: int) -> tuple[BootstrapRun, Usage]:
-        if attempt == 0:
+    def attempt_run(prog: Module, i: int, attempt: int, hinted: bool) -> tuple[BootstrapRun, Usage]:
+        with ExitStack() as stack:
+            if attempt > 0:
+                stack.enter_context(sampling_override(temperature=temperature, seed=seed * 1000 + attempt))
+            if hinted:
+                stack.enter_context(hint_override(hint_text(examples[i])))
             rec, t = run_example(prog, examples[i], metric, i)
-        else:
-            with sampling_override(temperature=temperature, seed=attempt):
-                rec, t = run_example(prog, examples[i], metric, i)
-        run = BootstrapRun(
-            examples[i], rec.prediction, rec.score,
-            rec.failure is None and rec.score >= threshold, list(t.entries), rec.failure,
-        )
-        run.attempt = attempt
+        entries = list(t.entries)
+        failure = rec.failure
+        if failure is None and hinted and _mentions_hint(entries):
+            failure = "hint_leak"
+        run = BootstrapRun(examples[i], rec.prediction, rec.score,
+                           failure is None and rec.score >= threshold, entries, failure, attempt, hinted)
         return run, t.usage
 
-    def work(i: int) -> tuple[BootstrapRun, Usage]:
+    def search(prog: Module, i: int, budget: int, hinted: bool, kept: list[BootstrapRun],
+               spent: Usage) -> tuple[BootstrapRun | None, int]:
+        """Runs of example ``i`` (greedy, then sampled waves) until enough pass; the last failed run."""
+        seen = {tuple(e.completion for e in r.entries) for r in kept}
+        last, made, attempt = None, 0, 0
+        while attempt < budget and len(kept) < traces_per_example:
+            wave = 1 if attempt == 0 else min(budget - attempt, max(2, traces_per_example - len(kept)))
+            numbers = range(attempt, attempt + wave)
+            if wave == 1:
+                tries = [attempt_run(prog, i, attempt, hinted)]
+            else:  # a wave's samples together: one round of latency
+                with ThreadPoolExecutor(max_workers=wave) as inner:
+                    tries = list(inner.map(lambda a: attempt_run(prog, i, a, hinted), numbers))
+            attempt += wave
+            made += wave
+            for run, u in tries:  # in attempt order, so the result does not depend on timing
+                spent.merge(u)
+                key = tuple(e.completion for e in run.entries)
+                if run.passed and key not in seen and len(kept) < traces_per_example:
+                    kept.append(run)
+                    seen.add(key)
+                elif not run.passed:
+                    last = run
+        return last, made
+
+    def work(i: int) -> tuple[list[BootstrapRun], str, int, Usage]:
         spent = Usage()
         prog = teacher_for(i) if teacher_for is not None else program
-        run, u = attempt_run(prog, i, 0)
-        spent.merge(u)
-        if run.passed or attempts <= 1:
-            return run, spent
-        # The re-samples together: one round of latency instead of attempts - 1.
-        # (Issuing them with the greedy try, before it fails, gained nothing:
-        # benchmarks/results/prompt_step_scheduling.json.)
-        with ThreadPoolExecutor(max_workers=attempts - 1) as inner:
-            tries = list(inner.map(lambda a: attempt_run(prog, i, a), range(1, attempts)))
-        for _r, u in tries:
-            spent.merge(u)
-        passed = [r for r, _ in tries if r.passed]
-        return (passed[0] if passed else tries[-1][0]), spent
+        kept: list[BootstrapRun] = []
+        last, made = search(prog, i, attempts, False, kept, spent)
+        if kept:
+            return kept, ("greedy" if kept[0].attempt == 0 else "sampled"), made, spent
+        if hint_attempts:
+            last_h, made_h = search(prog, i, hint_attempts, True, kept, spent)
+            made += made_h
+            if kept:
+                return kept, "hint", made, spent
+            last = last_h or last
+        assert last is not None
+        return [last], "none", made, spent
 
+    usage = Usage()
+    sources = {s: 0 for s in SOURCES}
+    made_total = 0
     done = 0
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples) or 1))) as pool:
-        for i, (run, u) in enumerate(pool.map(work, range(len(examples)))):
-            runs[i] = run
+        for i, (kept, source, made, u) in enumerate(pool.map(work, range(len(examples)))):
+            per_example[i] = (kept, source, made, u)
             usage.merge(u)
+            sources[source] += 1
+            made_total += made
             done += 1
             if progress:
                 progress(done, len(examples))
-    out = BootstrapResult([r for r in runs if r is not None], usage)
-    log.info("bootstrap: %d of %d runs passed", len(out.passed), len(examples))
+    runs = [r for item in per_example if item is not None for r in item[0]]
+    out = BootstrapResult(runs, usage, sources, made_total)
+    log.info("bootstrap: %s", out.summary())
     return out
 
 

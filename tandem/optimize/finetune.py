@@ -27,7 +27,8 @@ from pathlib import Path
 from tandem.evaluate.evaluate import Metric, evaluate
 from tandem.lm.base import LM, Usage
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
-from tandem.optimize.bootstrap import bootstrap
+from tandem.optimize.balance import balance_runs, check_balance
+from tandem.optimize.bootstrap import bootstrap, check_bootstrap_settings
 from tandem.program.example import Example
 from tandem.program.module import Module
 from tandem.program.render import build_prompt
@@ -55,7 +56,13 @@ class BootstrapFinetune:
         out_dir: str | Path | None = None,
         trainer=train_lora,
         attempts: int = 3,  # greedy, then 2 re-samples of each failed training example
+        temperature: float = 0.7,
+        traces_per_example: int = 1,
+        hint_attempts: int = 0,
+        balance: object = "auto",
     ) -> None:
+        check_bootstrap_settings(attempts, temperature, traces_per_example, hint_attempts)
+        check_balance(balance)
         self.metric = metric
         self.config = config
         self.multitask = multitask
@@ -64,13 +71,17 @@ class BootstrapFinetune:
         self.out_dir = Path(out_dir) if out_dir else None
         self.trainer = trainer  # train_lora; tests pass a stand-in with the same signature
         self.attempts = attempts
+        self.temperature = temperature
+        self.traces_per_example = traces_per_example
+        self.hint_attempts = hint_attempts
+        self.balance = balance
 
-    def sft_examples(self, program: Module, boot) -> dict[str, list[SFTExample]]:
-        """SFT examples grouped by the LoRA they train (an LM, or a module)."""
+    def sft_examples(self, program: Module, runs) -> dict[str, list[SFTExample]]:
+        """SFT examples from passing ``runs``, grouped by the LoRA they train (an LM, or a module)."""
         preds = dict(program.named_predictors())
         bases = {name: _base_lm(p.get_lm()) for name, p in preds.items()}
         groups: dict[str, list[SFTExample]] = {}
-        for run in boot.passed:
+        for run in runs:
             for e in run.entries:
                 pred = preds.get(e.predictor)
                 if pred is None:
@@ -91,15 +102,20 @@ class BootstrapFinetune:
         usage = Usage()
         boot = bootstrap(
             program, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
+            temperature=self.temperature, traces_per_example=self.traces_per_example,
+            hint_attempts=self.hint_attempts, seed=seed,
             progress=(lambda d, t: progress("traces", d, t)) if progress else None,
         )
         usage.merge(boot.usage)
-        groups = self.sft_examples(program, boot)
+        runs, answers = balance_runs(boot.passed, trainset, self.balance)
+        groups = self.sft_examples(program, runs)
         n_examples = sum(len(g) for g in groups.values())
         rec = StepRecord(0, "w", usage=usage.to_dict(), train_examples=n_examples)
+        rec.extra = {"bootstrap": {**boot.sources, "passing_traces": len(boot.passed), "runs": boot.attempts},
+                     "answers": answers}
         if not n_examples:
             rec.status = "nothing_to_train"
-            rec.detail = f"0 of {len(trainset)} training runs passed the metric: nothing to train on"
+            rec.detail = f"{boot.summary()}: nothing to train on"
             rec.wall_s = time.perf_counter() - start
             log.warning("weight step skipped: %s", rec.detail)
             return CompileResult(program.deepcopy(), [rec])
@@ -153,10 +169,11 @@ class BootstrapFinetune:
         rec.inner_score = results[best].score
         rec.wall_s = time.perf_counter() - start
         rec.detail = (
-            f"trained on {n_examples} examples from {len(boot.passed)} of {len(trainset)} passing runs; "
+            f"trained on {n_examples} examples; {boot.summary()}"
+            f"{' (balanced by answer)' if answers['balanced'] else ''}; "
             f"kept {variants[best][0]} ({results[best].score:.1f})"
         )
-        rec.extra = {"adapters": trained, "variants": {n: r.score for (n, _), r in zip(variants, results)}}
+        rec.extra.update(adapters=trained, variants={n: r.score for (n, _), r in zip(variants, results)})
         return CompileResult(variants[best][1], [rec], score=results[best].score)
 
 

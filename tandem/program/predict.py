@@ -22,9 +22,10 @@ from tandem.program.signature import Field, Signature
 from tandem.program.trace import current_trace
 from tandem.settings import settings
 
-__all__ = ["Predict", "ChainOfThought", "ParseError", "sampling_override"]
+__all__ = ["Predict", "ChainOfThought", "ParseError", "sampling_override", "hint_override"]
 
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tandem_sampling", default=None)
+_hint: contextvars.ContextVar[str | None] = contextvars.ContextVar("tandem_hint", default=None)
 
 
 @contextmanager
@@ -39,6 +40,22 @@ def sampling_override(**params: Any) -> Iterator[None]:
         yield
     finally:
         _override.reset(token)
+
+
+@contextmanager
+def hint_override(hint: str | None) -> Iterator[None]:
+    """Show every predictor ``hint`` (e.g. the gold answer) below its inputs.
+
+    The weight step's rationalization (STaR) runs an example that no sample
+    passed with its gold answer as a hint; the trace records the inputs
+    without it, so the SFT prompt built from the trace never shows the hint.
+    Context-local like ``sampling_override``.
+    """
+    token = _hint.set(hint)
+    try:
+        yield
+    finally:
+        _hint.reset(token)
 
 
 class Predict(Module):
@@ -81,7 +98,7 @@ class Predict(Module):
 
     def request(self, inputs: dict, lm: LM | None = None) -> Request:
         lm = lm or self.get_lm()
-        prompt = build_prompt(self.signature, self.demos, inputs)
+        prompt = build_prompt(self.signature, self.demos, inputs, hint=_hint.get())
         return Request(lm.render(prompt), self.sampling(), prompt)
 
     def forward(self, **inputs: Any) -> Prediction:

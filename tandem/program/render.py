@@ -91,7 +91,8 @@ def complete_demo(sig: Signature, demo: dict) -> dict:
     return {**demo, **{f.name: NOT_GIVEN for f in sig.output_fields if demo.get(f.name) is None}}
 
 
-def build_prompt(sig: Signature, demos: list[dict], inputs: dict) -> Prompt:
+def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: str | None = None) -> Prompt:
+    """System message, demos as earlier turns, then ``inputs`` (and ``hint`` below them, if given)."""
     missing = [f.name for f in sig.input_fields if f.name not in inputs]
     if missing:
         raise ValueError(f"{sig.name}: missing input field(s) {missing}")
@@ -102,7 +103,10 @@ def build_prompt(sig: Signature, demos: list[dict], inputs: dict) -> Prompt:
         if user and reply:
             messages.append(("user", user))
             messages.append(("assistant", reply))
-    messages.append(("user", format_fields(sig.input_fields, inputs)))
+    user = format_fields(sig.input_fields, inputs)
+    if hint:
+        user += f"\n\n{hint}"
+    messages.append(("user", user))
     return Prompt(tuple(messages), prefix=sig.output_fields[0].label + ":")
 
 

@@ -15,6 +15,7 @@ AMX); LoRA weights and optimizer state stay in fp32.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -25,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tandem.lm.hardware import cpu_has_native_bf16
 from tandem.train.adapter import write_meta
 from tandem.train.sft import SFTExample, TokenizedExample, tokenize_examples
 
@@ -70,6 +72,9 @@ class LoRAConfig:
     seed: int = 0  # LoRA initialisation and example order
     bf16: bool | None = None  # None: bf16 autocast where the hardware has native bf16 (see bf16_supported)
     device: str | None = None  # None: cuda if available, else cpu
+    # "lora": a PEFT adapter on the frozen base; "full": every weight is
+    # trained and the result is a full checkpoint (docs/training.md compares them).
+    method: str = "lora"
     # None: "eager" on CPU while its attention matrices fit in EAGER_ATTENTION_BYTES
     # (torch's fused CPU attention has a slow backward: measured 1.3-1.7x slower
     # per step at 150-560 tokens), otherwise "sdpa".
@@ -116,13 +121,7 @@ def bf16_supported(device: str) -> bool:
 
     if device.startswith("cuda"):
         return torch.cuda.is_bf16_supported()
-    if device != "cpu" or not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: trust oneDNN
-        return True
-    return any(f in flags for f in (" avx512_bf16", " amx_bf16"))
+    return device == "cpu" and cpu_has_native_bf16()
 
 
 def pick_attention(config: LoRAConfig, device: str, model_config, longest: int) -> str:
@@ -223,14 +222,20 @@ def train_lora(
     # With bf16 the frozen base is stored in bf16: autocast would otherwise
     # re-cast every fp32 weight on each forward (10% of a step on CPU here).
     # peft keeps the LoRA weights in fp32.
-    base = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if use_bf16 else torch.float32, attn_implementation=attention,
+    if config.method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', not {config.method!r}")
+    full = config.method == "full"
+    base = AutoModelForCausalLM.from_pretrained(  # full fine-tuning keeps fp32 master weights
+        model_dir, dtype=torch.bfloat16 if use_bf16 and not full else torch.float32, attn_implementation=attention,
     ).to(device)
     torch.manual_seed(config.seed)  # LoRA's A matrices are initialised randomly
-    model = get_peft_model(base, PeftLoraConfig(
-        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
-    ))
+    if full:
+        model = base
+    else:
+        model = get_peft_model(base, PeftLoraConfig(
+            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+            target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+        ))
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -244,7 +249,7 @@ def train_lora(
         "bf16" if use_bf16 else "fp32", attention, f"{trainable:,}",
     )
 
-    causal_lm = model.get_base_model()
+    causal_lm = base
     rng = random.Random(config.seed)
     losses: list[float] = []
     completion_tokens = total_tokens = 0
@@ -290,6 +295,13 @@ def _save(model, model_dir: Path, out_dir: Path, config: LoRAConfig, result: Tra
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
+    if config.method == "full":  # a whole checkpoint: the engine also needs the tokenizer and tandem.json
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        info = json.loads((model_dir / "tandem.json").read_text()) if (model_dir / "tandem.json").exists() else {}
+        info.update(name=f"{info.get('name', model_dir.name)}+full-{out_dir.name}", finetuned_from=str(model_dir))
+        (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
     training = result.to_dict()
     training.pop("adapter_dir")
     training["final_loss"] = result.losses[-1]
