@@ -13,7 +13,8 @@ step's rationalization does). The tuned model is evaluated on the test split
 backend with the adapter unmerged (``hf``), or both. Prints a table and
 writes ``benchmarks/results/weight_recipe.json``.
 
-A recipe is ``lora:r<rank>:<lr>:<epochs>`` or ``full:<lr>:<epochs>``.
+A recipe is ``lora:r<rank>:<lr>:<epochs>`` or ``full:<lr>:<epochs>``, with
+``--batch`` examples per optimizer step (8, the paper's, by default).
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def main() -> None:
     ap.add_argument("--completion", choices=("gold", "hint"), default="gold")
     ap.add_argument("--serve", choices=("vllm", "hf", "both"), default="vllm")
     ap.add_argument("--data-seed", type=int, default=0)
+    ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "weight_recipe.json"))
     args = ap.parse_args()
 
@@ -76,7 +78,7 @@ def main() -> None:
         t0 = time.perf_counter()
         adir = work / f"a{i}"
         cfg = LoRAConfig(rank=r.get("rank", 32), alpha=2 * r.get("rank", 32), learning_rate=r["lr"],
-                         epochs=r["epochs"], method=r["kind"])
+                         epochs=r["epochs"], method=r["kind"], batch_size=args.batch)
         res = train_lora(lm.model_dir, examples, cfg, adir)
         train_s = time.perf_counter() - t0
         served = ["vllm", "hf"] if args.serve == "both" else [args.serve]
@@ -87,7 +89,7 @@ def main() -> None:
                 tuned = lm.with_adapter(adir) if how == "vllm" else get_lm("hf:smollm2-135m").with_adapter(adir)
             t1 = time.perf_counter()
             score = evaluate(program.deepcopy().set_lm(tuned), data["test"], iris_metric).score
-            row = {"recipe": text, "served": how, "test": score, "train_s": round(train_s, 1),
+            row = {"recipe": text, "batch": args.batch, "served": how, "test": score, "train_s": round(train_s, 1),
                    "eval_s": round(time.perf_counter() - t1, 1), "final_loss": res.losses[-1],
                    "steps": res.steps}
             rows.append(row)

@@ -31,14 +31,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS
 from tandem.tasks.registry import Task, get_task
 from tandem.train import LoRAConfig
 
 
-#: The weight step's bootstrap settings and their defaults (chosen by
-#: measurement: docs/training.md, "Traces for the weight step").
-WEIGHT_STEP_KEYS = {"attempts": 6, "temperature": 0.7, "traces_per_example": 1, "hint_attempts": 2,
-                    "balance": "auto"}
+#: The weight step's bootstrap settings and their defaults (BootstrapFinetune's).
+WEIGHT_STEP_KEYS = BOOTSTRAP_DEFAULTS
 
 
 @dataclass

@@ -37,6 +37,12 @@ from tandem.train import LoRAConfig, NothingToTrain, SFTExample, train_lora
 log = logging.getLogger(__name__)
 
 
+#: The weight step's bootstrap defaults (``BootstrapFinetune``, ``tandem optimize``'s
+#: ``[weight_step]``), chosen by measurement: docs/training.md, "Traces for the weight step".
+BOOTSTRAP_DEFAULTS = {"attempts": 6, "temperature": 0.7, "traces_per_example": 1, "hint_attempts": 2,
+                      "balance": "auto"}
+
+
 def _base_lm(lm: LM) -> LM:
     """The LM without its adapter (fresh LoRAs are trained on base weights)."""
     if getattr(lm, "adapter", None) is not None and hasattr(lm, "with_adapter"):
@@ -55,11 +61,11 @@ class BootstrapFinetune:
         num_threads: int = 64,
         out_dir: str | Path | None = None,
         trainer=train_lora,
-        attempts: int = 3,  # greedy, then 2 re-samples of each failed training example
-        temperature: float = 0.7,
-        traces_per_example: int = 1,
-        hint_attempts: int = 0,
-        balance: object = "auto",
+        attempts: int = BOOTSTRAP_DEFAULTS["attempts"],  # greedy, then samples, per training example
+        temperature: float = BOOTSTRAP_DEFAULTS["temperature"],
+        traces_per_example: int = BOOTSTRAP_DEFAULTS["traces_per_example"],
+        hint_attempts: int = BOOTSTRAP_DEFAULTS["hint_attempts"],  # runs with the gold answer as a hint
+        balance: object = BOOTSTRAP_DEFAULTS["balance"],
     ) -> None:
         check_bootstrap_settings(attempts, temperature, traces_per_example, hint_attempts)
         check_balance(balance)
