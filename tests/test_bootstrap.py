@@ -12,7 +12,7 @@ from tandem import ChainOfThought, Example, Module
 from tandem.lm import FakeLM
 from tandem.optimize import BootstrapFinetune, bootstrap
 from tandem.optimize.balance import answer_key, balance_runs, is_categorical
-from tandem.optimize.bootstrap import hint_text
+from tandem.program.render import build_prompt
 
 
 class Mod3(Module):
@@ -66,7 +66,7 @@ def test_duplicate_passing_samples_count_once():
 def test_hint_rationalizes_examples_no_sample_passes():
     def reply(text, params):
         x = _x(text)
-        m = re.search(r"Hint: the correct Y is (\d)", text)
+        m = re.search(r"format:\nReasoning: [^\n]*\nY: (\d)", text)  # the hint fills Y's format line
         if m and x == 3:  # the model gives away that it saw the hint
             return f" the hint says {m.group(1)}\nY: {m.group(1)}"
         if m:
@@ -80,14 +80,19 @@ def test_hint_rationalizes_examples_no_sample_passes():
     assert sorted(r.example["x"] for r in hinted) == ["1", "5"]
     for r in hinted:  # the trace records the inputs, never the hint
         assert r.entries[0].inputs == {"x": r.example["x"]}
-        assert "Hint:" in r.entries[0].prompt
+        assert f"Y: {r.example['y']}<" in r.entries[0].prompt
     failed = [r for r in boot.runs if not r.passed]
     assert [(r.example["x"], r.failure, r.hinted) for r in failed] == [("3", "hint_leak", True)]
 
 
-def test_hint_text_names_every_label():
-    ex = Example(question="q", answer="Paris", kind="city").with_inputs("question")
-    assert hint_text(ex) == "Hint: the correct Answer is Paris; the correct Kind is city."
+def test_a_hint_fills_the_format_line_of_a_field_the_predictor_writes_and_names_the_rest():
+    sig = Mod3().solve.signature
+    plain = build_prompt(sig, [], {"x": "4"})
+    hinted = build_prompt(sig, [], {"x": "4"}, hint={"y": "1", "kind": "mod"})
+    system, user = hinted.messages[0][1], hinted.messages[-1][1]
+    assert "\nY: 1" in system and "\nY: 1" not in plain.messages[0][1]
+    assert user == "X: 4\n\nHint: the correct Kind is mod."
+    assert build_prompt(sig, [], {"x": "4"}, hint={}) == plain
 
 
 @pytest.mark.parametrize("kw, word", [
@@ -139,7 +144,7 @@ def test_distinct_answers_are_not_balanced_by_default():
 def test_weight_step_records_sources_and_answer_balance(tmp_path):
     def reply(text, params):
         x = _x(text)
-        m = re.search(r"Hint: the correct Y is (\d)", text)
+        m = re.search(r"format:\nReasoning: [^\n]*\nY: (\d)", text)
         if m:
             return f" because\nY: {m.group(1)}"
         return f" zero\nY: 0"  # answers one class: only y=0 passes without the hint
@@ -153,5 +158,12 @@ def test_weight_step_records_sources_and_answer_balance(tmp_path):
     assert rec.extra["bootstrap"]["greedy"] == 4 and rec.extra["bootstrap"]["hint"] == 8
     assert rec.extra["answers"]["after"] == {"y=0": 4, "y=1": 4, "y=2": 4}
     assert len(calls[0]) == 12
-    assert all("Hint" not in ex.prompt for ex in calls[0])
+    assert all(re.search(r"format:\nReasoning: [^\n]*\nY: \.\.\.", ex.prompt) for ex in calls[0])
     assert "4 greedily" in rec.detail and "8 with the answer as a hint" in rec.detail
+
+
+def test_the_weight_step_refuses_full_fine_tuning_with_a_clear_error():
+    from tandem.train import LoRAConfig
+
+    with pytest.raises(ValueError, match="method='full'"):
+        BootstrapFinetune(metric, config=LoRAConfig(method="full"))

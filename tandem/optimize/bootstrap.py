@@ -81,13 +81,7 @@ class BootstrapResult:
                 f"from {self.attempts} runs")
 
 
-def hint_text(example: Example) -> str:
-    """The gold labels of ``example`` as a hint line, e.g. ``Hint: the correct Species is setosa.``"""
-    parts = [f"{k.replace('_', ' ').title()} is {v}" for k, v in example.labels().items()]
-    return "Hint: the correct " + "; the correct ".join(parts) + "."
-
-
-def _mentions_hint(entries: list[TraceEntry]) -> bool:
+def mentions_hint(entries: list[TraceEntry]) -> bool:
     """Whether a hinted run's replies speak of the hint (their training prompt will not show one)."""
     return any(re.search(r"\bhint", e.completion, re.IGNORECASE) for e in entries)
 
@@ -144,11 +138,11 @@ def bootstrap(
             if attempt > 0:
                 stack.enter_context(sampling_override(temperature=temperature, seed=seed * 1000 + attempt))
             if hinted:
-                stack.enter_context(hint_override(hint_text(examples[i])))
+                stack.enter_context(hint_override(examples[i].labels()))
             rec, t = run_example(prog, examples[i], metric, i)
         entries = list(t.entries)
         failure = rec.failure
-        if failure is None and hinted and _mentions_hint(entries):
+        if failure is None and hinted and mentions_hint(entries):
             failure = "hint_leak"
         run = BootstrapRun(examples[i], rec.prediction, rec.score,
                            failure is None and rec.score >= threshold, entries, failure, attempt, hinted)

@@ -69,6 +69,11 @@ class BootstrapFinetune:
     ) -> None:
         check_bootstrap_settings(attempts, temperature, traces_per_example, hint_attempts)
         check_balance(balance)
+        if config.method != "lora":
+            raise ValueError(
+                f"[lora] method={config.method!r}: the weight step trains and serves LoRA adapters only; "
+                "full fine-tuning (method='full') is measured by benchmarks/weight_recipe.py (docs/training.md)"
+            )
         self.metric = metric
         self.config = config
         self.multitask = multitask

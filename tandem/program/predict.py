@@ -25,7 +25,7 @@ from tandem.settings import settings
 __all__ = ["Predict", "ChainOfThought", "ParseError", "sampling_override", "hint_override"]
 
 _override: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tandem_sampling", default=None)
-_hint: contextvars.ContextVar[str | None] = contextvars.ContextVar("tandem_hint", default=None)
+_hint: contextvars.ContextVar[dict | None] = contextvars.ContextVar("tandem_hint", default=None)
 
 
 @contextmanager
@@ -43,8 +43,11 @@ def sampling_override(**params: Any) -> Iterator[None]:
 
 
 @contextmanager
-def hint_override(hint: str | None) -> Iterator[None]:
-    """Show every predictor ``hint`` (e.g. the gold answer) below its inputs.
+def hint_override(hint: dict | None) -> Iterator[None]:
+    """Show every predictor the gold labels ``hint`` (``{"species": "setosa"}``).
+
+    A predictor that writes a hinted field sees the answer in its reply
+    format; the others see it named below their inputs (``build_prompt``).
 
     The weight step's rationalization (STaR) runs an example that no sample
     passed with its gold answer as a hint; the trace records the inputs

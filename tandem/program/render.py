@@ -43,13 +43,15 @@ def format_fields(fields: tuple[Field, ...], values: dict) -> str:
     return "\n".join(lines)
 
 
-def system_message(sig: Signature) -> str:
+def system_message(sig: Signature, answers: dict | None = None) -> str:
+    """Instructions, the inputs' names and the reply format; ``answers`` fill an output's format line."""
     parts = []
     if sig.instructions:
         parts.append(sig.instructions.strip())
     ins = ", ".join(f.label for f in sig.input_fields)
     parts.append(f"You are given: {ins}.")
-    fmt = "\n".join(f"{f.label}: {_describe(f)}" for f in sig.output_fields)
+    answers = answers or {}
+    fmt = "\n".join(f"{f.label}: {answers.get(f.name) or _describe(f)}" for f in sig.output_fields)
     parts.append("Reply in exactly this format:\n" + fmt)
     return "\n\n".join(parts)
 
@@ -91,12 +93,20 @@ def complete_demo(sig: Signature, demo: dict) -> dict:
     return {**demo, **{f.name: NOT_GIVEN for f in sig.output_fields if demo.get(f.name) is None}}
 
 
-def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: str | None = None) -> Prompt:
-    """System message, demos as earlier turns, then ``inputs`` (and ``hint`` below them, if given)."""
+def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: dict | None = None) -> Prompt:
+    """System message, demos as earlier turns, then ``inputs``.
+
+    ``hint``: gold labels to show (rationalization). A label this predictor
+    writes replaces its field's description in the reply format (small
+    models copy that line, so the answer lands where it is parsed); the
+    others are named in a ``Hint:`` line below the inputs.
+    """
     missing = [f.name for f in sig.input_fields if f.name not in inputs]
     if missing:
         raise ValueError(f"{sig.name}: missing input field(s) {missing}")
-    messages: list[tuple[str, str]] = [("system", system_message(sig))]
+    hint = hint or {}
+    outputs = {f.name for f in sig.output_fields}
+    messages: list[tuple[str, str]] = [("system", system_message(sig, {k: v for k, v in hint.items() if k in outputs}))]
     for demo in demos:
         user = format_fields(sig.input_fields, demo)
         reply = format_fields(sig.output_fields, complete_demo(sig, demo))
@@ -104,8 +114,9 @@ def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: str | No
             messages.append(("user", user))
             messages.append(("assistant", reply))
     user = format_fields(sig.input_fields, inputs)
-    if hint:
-        user += f"\n\n{hint}"
+    others = [f"{k.replace('_', ' ').title()} is {v}" for k, v in hint.items() if k not in outputs]
+    if others:
+        user += "\n\nHint: the correct " + "; the correct ".join(others) + "."
     messages.append(("user", user))
     return Prompt(tuple(messages), prefix=sig.output_fields[0].label + ":")
 
