@@ -33,7 +33,7 @@ from benchmarks.machine import write_result  # noqa: E402
 def run_matrix(program, train, metric, attempts: int, hints: int, temperature: float, threads: int):
     """``plain[i][a]`` / ``hinted[i][a]``: (passed, completions) of example i's attempt a."""
     from tandem.evaluate.evaluate import run_example
-    from tandem.optimize.bootstrap import PASS_THRESHOLD, _mentions_hint, hint_text
+    from tandem.optimize.bootstrap import PASS_THRESHOLD, mentions_hint
     from tandem.program.predict import hint_override, sampling_override
 
     def one(job):
@@ -42,10 +42,10 @@ def run_matrix(program, train, metric, attempts: int, hints: int, temperature: f
             if a > 0:
                 stack.enter_context(sampling_override(temperature=temperature, seed=a))
             if hinted:
-                stack.enter_context(hint_override(hint_text(train[i])))
+                stack.enter_context(hint_override(train[i].labels()))
             rec, t = run_example(program, train[i], metric, i)
         ok = rec.failure is None and rec.score >= PASS_THRESHOLD
-        if hinted and _mentions_hint(list(t.entries)):
+        if hinted and mentions_hint(list(t.entries)):
             ok = False
         return job, ok, tuple(e.completion for e in t.entries)
 
