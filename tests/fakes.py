@@ -2,9 +2,35 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
+from tandem import ChainOfThought, Example, Module
 from tandem.train import TrainResult
+
+
+class Mod3(Module):
+    """One chain-of-thought predictor: x -> x modulo 3."""
+
+    def __init__(self):
+        self.solve = ChainOfThought("x -> y", instructions="Give x modulo 3.")
+
+    def forward(self, x):
+        return self.solve(x=x)
+
+
+def data(n, start=0):
+    """``n`` examples x -> x % 3, from ``start``."""
+    return [Example(x=str(i), y=str(i % 3)).with_inputs("x") for i in range(start, start + n)]
+
+
+def metric(ex, pred, trace=None):
+    return ex.y == pred.y
+
+
+def read_x(text):
+    """The last ``X: n`` of a rendered prompt."""
+    return int(re.findall(r"X: (\d+)", text)[-1])
 
 
 def fake_trainer(calls: list):

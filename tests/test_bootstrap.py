@@ -7,32 +7,13 @@ from collections import Counter
 
 import pytest
 
-from fakes import fake_trainer
-from tandem import ChainOfThought, Example, Module
+from fakes import Mod3, data, fake_trainer, metric, read_x as _x
+from tandem import Example
 from tandem.lm import FakeLM
 from tandem.optimize import BootstrapFinetune, bootstrap
 from tandem.optimize.balance import answer_key, balance_runs, is_categorical
 from tandem.program.render import build_prompt
 
-
-class Mod3(Module):
-    def __init__(self):
-        self.solve = ChainOfThought("x -> y", instructions="Give x modulo 3.")
-
-    def forward(self, x):
-        return self.solve(x=x)
-
-
-def data(n, start=0):
-    return [Example(x=str(i), y=str(i % 3)).with_inputs("x") for i in range(start, start + n)]
-
-
-def metric(ex, pred, trace=None):
-    return ex.y == pred.y
-
-
-def _x(text):
-    return int(re.findall(r"X: (\d+)", text)[-1])
 
 
 def test_samples_stop_once_enough_distinct_traces_pass():
@@ -143,11 +124,10 @@ def test_distinct_answers_are_not_balanced_by_default():
 
 def test_weight_step_records_sources_and_answer_balance(tmp_path):
     def reply(text, params):
-        x = _x(text)
         m = re.search(r"format:\nReasoning: [^\n]*\nY: (\d)", text)
         if m:
             return f" because\nY: {m.group(1)}"
-        return f" zero\nY: 0"  # answers one class: only y=0 passes without the hint
+        return " zero\nY: 0"  # answers one class: only y=0 passes without the hint
 
     lm = FakeLM(reply)
     lm.model_dir = tmp_path

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import re
-import threading
 
 import pytest
 
-from fakes import fake_trainer
-from tandem import ChainOfThought, Example, Module
+from fakes import Mod3, data, fake_trainer, metric, read_x as _x
+from tandem import ChainOfThought, Module
 from tandem.lm import FakeLM
 from tandem.optimize.bootstrap import BootstrapFewShot
 from tandem.optimize import (
@@ -18,25 +16,6 @@ from tandem.optimize import (
 from tandem.optimize.base import CompileResult, StepRecord
 from tandem.program.persist import ProgramFileError, load_program, read_program_file
 
-
-class Mod3(Module):
-    def __init__(self):
-        self.solve = ChainOfThought("x -> y", instructions="Give x modulo 3.")
-
-    def forward(self, x):
-        return self.solve(x=x)
-
-
-def data(n, start=0):
-    return [Example(x=str(i), y=str(i % 3)).with_inputs("x") for i in range(start, start + n)]
-
-
-def metric(ex, pred, trace=None):
-    return ex.y == pred.y
-
-
-def _x(text):
-    return int(re.findall(r"X: (\d+)", text)[-1])
 
 
 def base_reply(text):
