@@ -21,7 +21,6 @@ import argparse
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import ExitStack
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,22 +31,12 @@ from benchmarks.machine import write_result  # noqa: E402
 
 def run_matrix(program, train, metric, attempts: int, hints: int, temperature: float, threads: int):
     """``plain[i][a]`` / ``hinted[i][a]``: (passed, completions) of example i's attempt a."""
-    from tandem.evaluate.evaluate import run_example
-    from tandem.optimize.bootstrap import PASS_THRESHOLD, mentions_hint
-    from tandem.program.predict import hint_override, sampling_override
+    from tandem.optimize.bootstrap import run_attempt
 
     def one(job):
         i, a, hinted = job
-        with ExitStack() as stack:
-            if a > 0:
-                stack.enter_context(sampling_override(temperature=temperature, seed=a))
-            if hinted:
-                stack.enter_context(hint_override(train[i].labels()))
-            rec, t = run_example(program, train[i], metric, i)
-        ok = rec.failure is None and rec.score >= PASS_THRESHOLD
-        if hinted and mentions_hint(list(t.entries)):
-            ok = False
-        return job, ok, tuple(e.completion for e in t.entries)
+        run, _usage = run_attempt(program, train[i], metric, i, a, hinted=hinted, temperature=temperature)
+        return job, run.passed, tuple(e.completion for e in run.entries)
 
     jobs = [(i, a, False) for i in range(len(train)) for a in range(attempts)]
     jobs += [(i, a, True) for i in range(len(train)) for a in range(hints)]

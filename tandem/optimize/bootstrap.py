@@ -98,6 +98,30 @@ def check_bootstrap_settings(attempts: int, temperature: float, traces_per_examp
         raise ValueError(f"hint_attempts must be an integer >= 0 (0: no rationalization), not {hint_attempts!r}")
 
 
+def run_attempt(
+    program: Module, example: Example, metric: Metric, index: int, attempt: int, *, hinted: bool = False,
+    temperature: float = 0.7, seed: int = 0, threshold: float = PASS_THRESHOLD,
+) -> tuple[BootstrapRun, Usage]:
+    """One run of ``example``: greedy (``attempt`` 0) or the sample seeded by ``seed`` and ``attempt``.
+
+    ``hinted``: with the example's gold labels as a hint; such a run passes
+    only if its replies do not speak of the hint (failure ``hint_leak``).
+    """
+    with ExitStack() as stack:
+        if attempt > 0:
+            stack.enter_context(sampling_override(temperature=temperature, seed=seed * 1000 + attempt))
+        if hinted:
+            stack.enter_context(hint_override(example.labels()))
+        rec, t = run_example(program, example, metric, index)
+    entries = list(t.entries)
+    failure = rec.failure
+    if failure is None and hinted and mentions_hint(entries):
+        failure = "hint_leak"
+    run = BootstrapRun(example, rec.prediction, rec.score,
+                       failure is None and rec.score >= threshold, entries, failure, attempt, hinted)
+    return run, t.usage
+
+
 def bootstrap(
     program: Module,
     examples: list[Example],
@@ -134,19 +158,8 @@ def bootstrap(
     per_example: list[tuple[list[BootstrapRun], str, int, Usage] | None] = [None] * len(examples)
 
     def attempt_run(prog: Module, i: int, attempt: int, hinted: bool) -> tuple[BootstrapRun, Usage]:
-        with ExitStack() as stack:
-            if attempt > 0:
-                stack.enter_context(sampling_override(temperature=temperature, seed=seed * 1000 + attempt))
-            if hinted:
-                stack.enter_context(hint_override(examples[i].labels()))
-            rec, t = run_example(prog, examples[i], metric, i)
-        entries = list(t.entries)
-        failure = rec.failure
-        if failure is None and hinted and mentions_hint(entries):
-            failure = "hint_leak"
-        run = BootstrapRun(examples[i], rec.prediction, rec.score,
-                           failure is None and rec.score >= threshold, entries, failure, attempt, hinted)
-        return run, t.usage
+        return run_attempt(prog, examples[i], metric, i, attempt, hinted=hinted, temperature=temperature,
+                           seed=seed, threshold=threshold)
 
     def search(prog: Module, i: int, budget: int, hinted: bool, kept: list[BootstrapRun],
                spent: Usage) -> tuple[BootstrapRun | None, int]:
