@@ -1,14 +1,16 @@
 """Which training recipe makes SmolLM2-135M learn Iris from its own traces.
 
     python benchmarks/weight_recipe.py --recipes lora:r32:3e-4:5,lora:r32:1e-3:10,full:1e-4:10
-    python benchmarks/weight_recipe.py --completion gold --serve both     # served merged (vLLM) and unmerged (HF)
+    python benchmarks/weight_recipe.py --serve both      # served merged (vLLM) and unmerged (HF)
+    python benchmarks/weight_recipe.py --completion gold,restate,bare --batch 2 --recipes lora:r32:1e-3:4
 
 Each recipe trains on the training split (50 examples) from one SFT example
 per training example: the zero-shot chain-of-thought prompt, and a
-completion with the gold species (``--completion gold``: a one-line
-reasoning that restates the petal measurements; ``hint``: the model's own
-reasoning written with the gold species given as a hint, as the weight
-step's rationalization does). The tuned model is evaluated on the test split
+completion with the gold species (``--completion``: ``gold``, a one-line
+reasoning that restates the petal measurements; ``restate``, one that
+restates all four inputs, as a labelled demo with restated inputs shows it;
+``bare``, the placeholder ``Not given for this example.``; several,
+comma-separated, each with every recipe). The tuned model is evaluated on the test split
 (50 examples) through the vLLM engine (``--serve vllm``), the transformers
 backend with the adapter unmerged (``hf``), or both. Prints a table and
 writes ``benchmarks/results/weight_recipe.json``.
@@ -31,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.machine import write_result  # noqa: E402
 
+FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
 
 def parse_recipe(text: str) -> dict:
     parts = text.split(":")
@@ -46,10 +50,25 @@ def gold_completion(ex) -> str:
             f"\nSpecies: {ex['species']}")
 
 
+def restate_completion(ex) -> str:
+    """All four inputs restated, as a labelled demo renders its missing reasoning with ``restate``."""
+    parts = [f"{f.replace('_', ' ').title()} is {ex[f]}" for f in FEATURES]
+    return " " + ", ".join(parts[:-1]) + " and " + parts[-1] + f".\nSpecies: {ex['species']}"
+
+
+def bare_completion(ex) -> str:
+    """The placeholder reasoning a labelled demo shows, then the species."""
+    return f" Not given for this example.\nSpecies: {ex['species']}"
+
+
+COMPLETIONS = {"gold": gold_completion, "restate": restate_completion, "bare": bare_completion}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipes", default="lora:r32:3e-4:5")
-    ap.add_argument("--completion", choices=("gold", "hint"), default="gold")
+    ap.add_argument("--completion", default="gold",
+                    help="comma-separated: gold (petals restated), restate (all inputs restated), bare (placeholder)")
     ap.add_argument("--serve", choices=("vllm", "hf", "both"), default="vllm")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8)
@@ -57,6 +76,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from tandem.evaluate import evaluate
+    from tandem.experiments.stats import paired_test
     from tandem.lm.registry import get_lm
     from tandem.program.render import build_prompt
     from tandem.tasks.iris import IrisClassifier, iris_metric, load_iris, split_iris
@@ -66,14 +86,18 @@ def main() -> None:
     lm = get_lm("smollm2-135m")
     program = IrisClassifier()
     pred = program.classify
-    examples = [SFTExample(lm.render(build_prompt(pred.signature, [], ex.inputs())), gold_completion(ex), "classify")
-                for ex in data["train"]]
+    prompts = [lm.render(build_prompt(pred.signature, [], ex.inputs())) for ex in data["train"]]
     rows = []
     base = evaluate(program.deepcopy().set_lm(lm), data["test"], iris_metric)
-    rows.append({"recipe": "base model", "served": "vllm", "test": base.score})
+    rows.append({"recipe": "base model", "completion": "-", "served": "vllm", "test": base.score,
+                 "outcomes": [r.score for r in base.records]})
     print(f"base model: test {base.score:.1f}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="tandem-recipe-"))
-    for i, text in enumerate(args.recipes.split(",")):
+    runs = [(c, t) for c in args.completion.split(",") for t in args.recipes.split(",")]
+    for i, (completion, text) in enumerate(runs):
+        if completion not in COMPLETIONS:
+            raise SystemExit(f"--completion: {completion!r} is not one of {sorted(COMPLETIONS)}")
+        examples = [SFTExample(pr, COMPLETIONS[completion](ex), "classify") for pr, ex in zip(prompts, data["train"])]
         r = parse_recipe(text)
         t0 = time.perf_counter()
         adir = work / f"a{i}"
@@ -88,16 +112,23 @@ def main() -> None:
             else:
                 tuned = lm.with_adapter(adir) if how == "vllm" else get_lm("hf:smollm2-135m").with_adapter(adir)
             t1 = time.perf_counter()
-            score = evaluate(program.deepcopy().set_lm(tuned), data["test"], iris_metric).score
-            row = {"recipe": text, "batch": args.batch, "served": how, "test": score, "train_s": round(train_s, 1),
-                   "eval_s": round(time.perf_counter() - t1, 1), "final_loss": res.losses[-1],
-                   "steps": res.steps}
+            ev = evaluate(program.deepcopy().set_lm(tuned), data["test"], iris_metric)
+            row = {"recipe": text, "completion": completion, "batch": args.batch, "served": how, "test": ev.score,
+                   "train_s": round(train_s, 1), "eval_s": round(time.perf_counter() - t1, 1),
+                   "final_loss": res.losses[-1], "steps": res.steps, "outcomes": [x.score for x in ev.records]}
             rows.append(row)
-            print(json.dumps(row), flush=True)
-    print("\n| recipe | served | test % | train s | final loss |\n|---|---|---:|---:|---:|")
+            print(json.dumps({k: v for k, v in row.items() if k != "outcomes"}), flush=True)
+    print("\n| completion | recipe | served | test % | vs base model: diff [95% CI], McNemar p | train s | final loss |"
+          "\n|---|---|---|---:|---|---:|---:|")
     for row in rows:
-        print(f"| {row['recipe']} | {row['served']} | {row['test']:.1f} | {row.get('train_s', '')} | "
-              f"{row.get('final_loss', '')} |")
+        t = paired_test(row["outcomes"], rows[0]["outcomes"]) if row is not rows[0] else None
+        if t is not None:
+            row["vs_base"] = {"diff": round(100 * t.diff, 1), "ci95": [round(100 * v, 1) for v in t.ci95],
+                              "p_value": round(t.p_value, 4)}
+        vs = "-" if t is None else (f"{100 * t.diff:+.1f} [{100 * t.ci95[0]:+.1f}, {100 * t.ci95[1]:+.1f}], "
+                                    f"p={t.p_value:.3g}")
+        print(f"| {row['completion']} | {row['recipe']} | {row['served']} | {row['test']:.1f} | {vs} | "
+              f"{row.get('train_s', '')} | {row.get('final_loss', '')} |")
     write_result(Path(args.out), {"data_seed": args.data_seed, "completion": args.completion, "rows": rows})
 
 

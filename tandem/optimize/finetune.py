@@ -31,7 +31,6 @@ from tandem.optimize.balance import balance_runs, check_balance
 from tandem.optimize.bootstrap import bootstrap, check_bootstrap_settings
 from tandem.program.example import Example
 from tandem.program.module import Module
-from tandem.program.render import build_prompt
 from tandem.train import LoRAConfig, NothingToTrain, SFTExample, train_lora
 
 log = logging.getLogger(__name__)
@@ -98,7 +97,7 @@ class BootstrapFinetune:
                 if pred is None:
                     continue
                 demos = pred.demos if self.keep_demos else []
-                text = bases[e.predictor].render(build_prompt(pred.signature, demos, e.inputs))
+                text = bases[e.predictor].render(pred.format.build_prompt(pred.signature, demos, e.inputs))
                 key = bases[e.predictor].fingerprint() if self.multitask else e.predictor
                 groups.setdefault(key, []).append(SFTExample(text, e.completion, e.predictor))
         return groups

@@ -100,6 +100,15 @@ class Module:
             p.lm = lm
         return self
 
+    def set_format(self, format) -> "Module":
+        """Give every predictor the prompt format ``format`` (a name or a PromptFormat; in place)."""
+        from tandem.program.formats import get_format
+
+        fmt = get_format(format)
+        for p in self.predictors():
+            p.format = fmt
+        return self
+
     def lms(self) -> list:
         out, seen = [], set()
         for p in self.predictors():

@@ -17,7 +17,8 @@ from typing import Any, Iterator
 from tandem.lm.base import LM, Request, SamplingParams
 from tandem.program.example import Prediction
 from tandem.program.module import Module
-from tandem.program.render import ParseError, build_prompt, parse_output
+from tandem.program.formats import PromptFormat, get_format
+from tandem.program.render import ParseError
 from tandem.program.signature import Field, Signature
 from tandem.program.trace import current_trace
 from tandem.settings import settings
@@ -71,6 +72,7 @@ class Predict(Module):
         max_tokens: int = 256,
         temperature: float = 0.0,
         fill_missing: bool = True,
+        format: str | PromptFormat | None = None,
     ) -> None:
         sig = Signature.ensure(signature)
         if instructions is not None:
@@ -80,6 +82,7 @@ class Predict(Module):
         self.lm = lm
         self.params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
         self.fill_missing = fill_missing
+        self.format = get_format(format)  # tandem.program.formats: "fields" (default), "markers"
         self.name = "self"
 
     # -- the call -------------------------------------------------------------------
@@ -101,7 +104,7 @@ class Predict(Module):
 
     def request(self, inputs: dict, lm: LM | None = None) -> Request:
         lm = lm or self.get_lm()
-        prompt = build_prompt(self.signature, self.demos, inputs, hint=_hint.get())
+        prompt = self.format.build_prompt(self.signature, self.demos, inputs, hint=_hint.get())
         return Request(lm.render(prompt), self.sampling(), prompt)
 
     def forward(self, **inputs: Any) -> Prediction:
@@ -115,7 +118,7 @@ class Predict(Module):
         reply = completion.text
         if self.fill_missing:
             reply = self._fill_missing(lm, req, reply, t)
-        outputs = parse_output(self.signature, req.prompt.prefix + reply)
+        outputs = self.format.parse(self.signature, req.prompt.prefix + reply)
         if t is not None:
             shown = {f.name: inputs[f.name] for f in self.signature.input_fields}
             t.record(self.name, shown, outputs, req.text, reply)
@@ -132,7 +135,7 @@ class Predict(Module):
         """
         for _ in range(len(self.signature.output_fields)):
             try:
-                parse_output(self.signature, req.prompt.prefix + reply)
+                self.format.parse(self.signature, req.prompt.prefix + reply)
                 return reply
             except ParseError as exc:
                 all_missing = exc.missing
@@ -140,7 +143,7 @@ class Predict(Module):
             present = [f.name for f in self.signature.output_fields if f.name not in all_missing]
             if field.name != self.signature.output_fields[len(present)].name:
                 return reply  # fields out of order: leave it to the parser to report
-            reply = reply.rstrip() + f"\n{field.label}:"
+            reply = reply.rstrip() + self.format.opener(field)
             stop = () if field.multiline else ("\n",)
             cont = lm.complete(Request(req.text + reply, SamplingParams(
                 req.params.temperature, min(req.params.max_tokens, 64 if stop else req.params.max_tokens), stop,
@@ -168,6 +171,7 @@ class Predict(Module):
             "demos": copy.deepcopy(self.demos),
             "max_tokens": self.params.max_tokens,
             "temperature": self.params.temperature,
+            "format": self.format.name,
         }
 
     def load_state(self, state: dict) -> "Predict":
@@ -176,6 +180,7 @@ class Predict(Module):
         self.params = SamplingParams(
             temperature=state.get("temperature", 0.0), max_tokens=state.get("max_tokens", 256)
         )
+        self.format = get_format(state.get("format"))
         return self
 
     def __repr__(self) -> str:

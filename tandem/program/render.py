@@ -143,17 +143,26 @@ def parse_output(sig: Signature, text: str) -> dict:
         value = text[vstart:end].strip()
         # "Answer: Answer: 4": the model repeated the label we had written for it.
         value = re.sub(r"^(?:" + _label_pattern(outs[idx]) + r")[ \t*]*:[ \t]*", "", value, flags=re.IGNORECASE)
-        if not outs[idx].multiline:
-            value = next((line.strip() for line in value.splitlines() if line.strip()), "")
-            value = value.strip("*").strip()
         values.setdefault(idx, []).append(value)
+    return resolve_values(sig, values, text)
+
+
+def resolve_values(sig: Signature, values: dict[int, list[str]], text: str) -> dict:
+    """Each output field's value from its occurrences in a reply (``values``: field index -> texts).
+
+    Shared by every prompt format: a single-line field keeps its first
+    non-empty line; the first non-empty occurrence wins (repeats are the
+    model rambling on); a field with choices takes the first occurrence that
+    names one. Raises ParseError for a missing or empty field or a value
+    outside the choices.
+    """
+    outs = sig.output_fields
+    values = {i: [_first_line(v) if not outs[i].multiline else v for v in vs] for i, vs in values.items()}
     missing = [outs[i].name for i in range(len(outs)) if i not in values]
     if missing:
         raise ParseError(f"{sig.name}: reply has no {', '.join(missing)} field", text, missing)
     result = {}
     for i, f in enumerate(outs):
-        # The first non-empty occurrence wins: repeats are the model rambling on,
-        # an empty one was followed by a retry of the same label.
         result[f.name] = next((v for v in values[i] if v), "")
         if f.choices:  # a later occurrence may be the valid one (the label was asked for again)
             result[f.name] = next((v for v in values[i] if match_choice(f, v)), result[f.name])
@@ -168,3 +177,8 @@ def parse_output(sig: Signature, text: str) -> dict:
                 )
             result[f.name] = choice
     return result
+
+
+def _first_line(value: str) -> str:
+    line = next((ln.strip() for ln in value.splitlines() if ln.strip()), "")
+    return line.strip("*").strip()
