@@ -171,6 +171,9 @@ def test_overrides_win_over_the_file(tmp_path):
         load_experiment(write_experiment(tmp_path), ["nonsense=1"])
     with pytest.raises(ValueError, match="unknown step"):
         load_experiment(write_experiment(tmp_path), ["strategies=p -> x"])
+    assert load_experiment(write_experiment(tmp_path), ["format=markers"]).cells()[0].cfg.format == "markers"
+    with pytest.raises(ValueError, match="unknown prompt format 'chat'"):
+        load_experiment(write_experiment(tmp_path), ["format=chat"])
 
 
 def test_a_grid_over_data_seeds_pairs_runs_and_writes_statistics(tmp_path):

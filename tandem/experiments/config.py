@@ -53,6 +53,7 @@ class RunConfig:
     prompt_val: int | None = None  # prompt step: candidate-selection examples
     num_candidates: int = 9  # the paper's: 3 fixed + 6 random candidate programs
     max_demos: int = 3  # the paper's
+    format: str | None = None  # prompt format of every predictor (tandem.program.formats); None: the program's own
     threads: int = 64  # concurrent program runs: enough to keep the engine's batch full
     run_dir: str | None = None  # default: runs/<task>-<strategy>-s<seed>
     lora: dict = field(default_factory=dict)  # LoRAConfig overrides
@@ -142,12 +143,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if "sizes" in values and values["sizes"] is not None:
         values["sizes"] = tuple(values["sizes"])
     cfg = RunConfig(**values)
+    check_format(cfg.format)
     # Paths in a config file are relative to the file.
     for attr in ("task", "data"):
         v = getattr(cfg, attr)
         if v and (v.endswith(".py") or attr == "data") and not Path(v).is_absolute() and path is not None:
             setattr(cfg, attr, str(base / v))
     return cfg
+
+
+def check_format(name: Any) -> None:
+    """A ``format`` setting names a registered prompt format (or is None); a one-line error otherwise."""
+    if name is not None:
+        from tandem.program.formats import get_format
+
+        get_format(name)
 
 
 def setting_value(raw: str) -> Any:

@@ -41,7 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from tandem.experiments.config import RunConfig, _coerce, _number, setting_value, read_toml
+from tandem.experiments.config import RunConfig, _coerce, _number, check_format, read_toml, setting_value
 from tandem.experiments.paper import normalize_strategy
 from tandem.experiments.run import (
     RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
@@ -160,6 +160,10 @@ def _check_settings(values: dict, where: str) -> dict:
         )
     if values.get("sizes") is not None:
         values["sizes"] = tuple(values["sizes"])
+    try:
+        check_format(values.get("format"))
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
     return values
 
 

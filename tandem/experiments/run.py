@@ -165,6 +165,8 @@ def run_cell(
         "sizes": sizes, "prompt_sizes": [ptrain, pval], "split_seed": cfg.split_seed(), "note": note}})
 
     program = task.make_program(data).set_lm(lm)
+    if cfg.format is not None:
+        program.set_format(cfg.format)
     t0 = time.perf_counter()
 
     def bar(label: str) -> Callable[[int, int], None] | None:
