@@ -77,3 +77,26 @@ def test_unknown_format_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown prompt format"):
         Predict("x -> y").load_state({**Predict("x -> y").dump_state(), "format": "nope"})
     assert isinstance(get_format(None), PromptFormat)
+
+
+def test_json_format_prompt_parse_and_broken_objects():
+    from tandem.program.json_format import parse_output as parse_json
+
+    lm = FakeLM('it burns", "answer": "no"}')
+    cot = ChainOfThought("question -> answer", lm=lm, format="json")
+    cot.demos = [{"question": "Is ice cold?", "answer": "yes"}]
+    assert cot(question="Is fire cold?").answer == "no"
+    prompt = lm.prompts[0]
+    assert '{"reasoning": "Not given for this example.", "answer": "yes"}' in prompt
+    assert prompt.endswith('{"reasoning": "')
+    sig = cot_sig()
+    assert parse_json(sig, '{"reasoning": "a \\"b\\"", "answer": "No."} trailing') == {"reasoning": 'a "b"', "answer": "no"}
+    assert parse_json(sig, '{"reasoning": "cut short", "answer": "yes') == {"reasoning": "cut short", "answer": "yes"}
+    with pytest.raises(ParseError):
+        parse_json(sig, '{"reasoning": "no answer"}')
+
+
+def test_json_fill_missing_continues_the_object():
+    lm = FakeLM(lambda p: 'no"}' if p.endswith('", "answer": "') else "thinking")
+    cot = ChainOfThought("question -> answer", lm=lm, format="json")
+    assert cot(question="q?").answer == "no"

@@ -13,6 +13,8 @@ the built-in ones:
   ``[[ ## name ## ]]`` marker, in the spirit of DSPy's chat adapter, the
   reply started with the first output marker and ended by a
   ``[[ ## completed ## ]]`` marker.
+- ``json`` (``tandem.program.json_format``): the reply is one JSON object
+  with a key per output field, started with the first key.
 
 The weight step renders its training prompts with each predictor's own
 format, so a tuned model learns the format its program asks for.
@@ -24,7 +26,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from tandem.lm.base import Prompt
-from tandem.program import markers, render
+from tandem.program import json_format, markers, render
 from tandem.program.signature import Field, Signature
 
 
@@ -76,7 +78,23 @@ class MarkerFormat:
         return "\n\n" + markers.marker(field.name) + "\n"
 
 
-FORMATS: dict[str, PromptFormat] = {f.name: f for f in (FieldFormat(), MarkerFormat())}
+class JSONFormat:
+    """One JSON object, a key per output field (``tandem.program.json_format``)."""
+
+    name = "json"
+    _tandem_share = True
+
+    def build_prompt(self, sig: Signature, demos: list[dict], inputs: dict, hint: dict | None = None) -> Prompt:
+        return json_format.build_prompt(sig, demos, inputs, hint=hint)
+
+    def parse(self, sig: Signature, text: str) -> dict:
+        return json_format.parse_output(sig, text)
+
+    def opener(self, field: Field) -> str:
+        return '"' + json_format.opener(field.name)
+
+
+FORMATS: dict[str, PromptFormat] = {f.name: f for f in (FieldFormat(), MarkerFormat(), JSONFormat())}
 #: The format a predictor uses unless told otherwise (docs/design.md, "Prompt formats").
 DEFAULT_FORMAT = "fields"
 
