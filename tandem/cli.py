@@ -20,10 +20,33 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 console = Console(stderr=True)
+
+
+def error(message: object) -> None:
+    """Print ``error: <message>`` on one line (not wrapped), the message literally: a ``[lora]`` in it
+    is text, not a markup tag."""
+    console.print(f"[red]error:[/] {escape(str(message))}", soft_wrap=True)
+
+
+def note(message: object, label: str = "note") -> None:
+    """Print ``<label>: <message>`` (yellow label) on one line, the message literally."""
+    console.print(f"[yellow]{label}:[/] {escape(str(message))}", soft_wrap=True)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, else argparse's one-line usage error naming the option."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 @contextmanager
@@ -55,10 +78,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     task = get_task(args.task)
     splits = task.load(data=args.data, seed=args.seed)
-    data = splits[args.split][: args.limit] if args.limit else splits[args.split]
+    data = splits[args.split][: args.limit] if args.limit is not None else splits[args.split]
     lm = get_lm(args.model, **({"cache": False} if args.no_cache else {}))
     program = task.make_program(splits).set_lm(lm)
-    console.print(f"[bold]{task.name}[/] {args.split} split: {len(data)} examples, model {args.model}")
+    console.print(f"[bold]{escape(task.name)}[/] {args.split} split: {len(data)} examples, model {escape(args.model)}")
     t0 = time.perf_counter()
     with console.status("loading the model"):
         lm.start()
@@ -80,7 +103,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if result.failures:
         console.print("failures by kind: " + ", ".join(f"{k}={v}" for k, v in sorted(result.failures.items())))
         first = next(r for r in result.records if r.failure)
-        console.print(f"first failure (example {first.index}): {first.error}")
+        console.print(f"first failure (example {first.index}): {escape(str(first.error))}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result.to_dict(), fh, indent=1, default=str)
@@ -113,7 +136,7 @@ def steps_table(history, title: str) -> Table:
             "-" if r.inner_score is None else f"{r.inner_score:.1f}",
             f"{r.wall_s:.0f}", str(u.get("calls", 0)),
             str(u.get("prompt_tokens", 0) + u.get("output_tokens", 0)),
-            str(r.train_examples) if r.kind == "w" else "-", r.detail[:70],
+            str(r.train_examples) if r.kind == "w" else "-", escape(r.detail[:70]),
         )
     return table
 
@@ -141,8 +164,9 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     task, data = load_data(cfg, cache=shared)  # data errors before the model loads
     run_dir = cfg.default_run_dir()
     console.print(
-        f"[bold]{task.name}[/] strategy [bold]{cfg.strategy}[/], seed {cfg.seed}, model {cfg.model}: "
-        f"train {len(data['train'])} / dev {len(data['dev'])} / test {len(data['test'])}; run dir {run_dir}"
+        f"[bold]{escape(task.name)}[/] strategy [bold]{escape(cfg.strategy)}[/], seed {cfg.seed}, "
+        f"model {escape(cfg.model)}: train {len(data['train'])} / dev {len(data['dev'])} / "
+        f"test {len(data['test'])}; run dir {escape(str(run_dir))}"
     )
     t0 = time.perf_counter()
     lm = get_lm(cfg.model, **cfg.backend_options)
@@ -153,7 +177,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console) as bar:
             summary = run_cell(cfg, lm, StepProgress(bar), resume=args.resume, run_dir=run_dir, shared=shared,
-                               info=lambda msg: console.print(f"[yellow]note:[/] {msg}"))
+                               info=note)
     finally:
         lm.close()
     total_s = time.perf_counter() - t0
@@ -170,7 +194,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     Console().print(
         f"returned program: {chosen}; [bold]test {summary['test_score']:.1f}%[/] on {summary['test_n']} examples "
         f"(zero-shot {summary['zero_shot_test_score']:.1f}%: {summary['fixed']} fixed, {summary['broken']} broken); "
-        f"total {total_s:.0f} s; saved to {run_dir / 'final'}"
+        f"total {total_s:.0f} s; saved to {escape(str(run_dir / 'final'))}"
     )
     return 0
 
@@ -184,35 +208,34 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     console.print(
         f"[bold]experiment[/] {len(exp.tasks)} task(s) x {len(exp.models)} model(s) x "
         f"{len(exp.strategies)} strateg{'y' if len(exp.strategies) == 1 else 'ies'} x {len(exp.seeds)} seed(s) = "
-        f"{len(cells)} runs, {done} already finished; out {exp.out}"
+        f"{len(cells)} runs, {done} already finished; out {escape(str(exp.out))}"
     )
     if args.dry_run:
         for c in cells:
             state = ("done, other settings" if c.stale() else "done") if c.done() else "todo"
-            console.print(f"  {state}  {c.label}  ->  {c.run_dir}")
+            console.print(f"  {state}  {escape(c.label)}  ->  {escape(str(c.run_dir))}")
         return 0
     position = {c.label: i + 1 for i, c in enumerate(cells)}
 
     @contextmanager
     def progress_for(cell):
-        console.rule(f"[{position[cell.label]}/{len(cells)}] {cell.label}")
+        console.rule(escape(f"[{position[cell.label]}/{len(cells)}] {cell.label}"))
         with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                       TimeElapsedColumn(), console=console, transient=True) as bar:
             yield StepProgress(bar)
 
     def on_cell(cell, summary):
         if summary.get("status") == "ok":
-            console.print(f"[green]done[/] {cell.label}: dev {summary['dev_score']:.1f}, "
+            console.print(f"[green]done[/] {escape(cell.label)}: dev {summary['dev_score']:.1f}, "
                           f"[bold]test {summary['test_score']:.1f}[/] ({summary['wall_s']:.0f} s)")
         else:
-            console.print(f"[red]failed[/] {cell.label}: {summary.get('error')}")
+            console.print(f"[red]failed[/] {escape(cell.label)}: {escape(str(summary.get('error')))}")
 
-    doc = run_experiment(exp, progress_for=progress_for, on_cell=on_cell,
-                         info=lambda msg: console.print(f"[yellow]note:[/] {msg}"))
+    doc = run_experiment(exp, progress_for=progress_for, on_cell=on_cell, info=note)
     print((exp.out / "table.md").read_text())
     failed = [c for c in doc["cells"] if c.get("status") == "failed"]
-    console.print(f"results: {exp.out / 'results.json'}, table: {exp.out / 'table.md'}; "
-                  f"report: tandem report {exp.out}")
+    console.print(escape(f"results: {exp.out / 'results.json'}, table: {exp.out / 'table.md'}; "
+                         f"report: tandem report {exp.out}"))
     if failed:
         console.print(f"[red]{len(failed)} run(s) failed[/]; run the same command again to retry them")
         return 1
@@ -224,7 +247,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     html_path, summary = write_report(args.run_dir, out=args.out, max_examples=args.examples)
     print(summary)
-    console.print(f"report written to {html_path}")
+    console.print(f"report written to {escape(str(html_path))}")
     return 0
 
 
@@ -236,9 +259,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch,
               max_concurrency=args.concurrency, timeout_s=args.timeout,
               log_level="debug" if args.verbose else "info",
-              info=lambda msg: console.print(f"[yellow]warning:[/] {msg}"))
+              info=lambda msg: note(msg, "warning"))
     except OSError as exc:  # the port is taken, the host does not resolve
-        console.print(f"[red]error:[/] {exc}")
+        error(exc)
         return 2
     return 0
 
@@ -255,8 +278,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="seed of the data split")
     e.add_argument("--data", default=None,
                    help="data file or folder (default: iris bundled; gsm8k/hotpotqa: ../shared/data/<task>)")
-    e.add_argument("--limit", type=int, default=None, help="only the first N examples")
-    e.add_argument("--threads", type=int, default=64, help="examples run concurrently")
+    e.add_argument("--limit", type=positive_int, default=None, help="only the first N examples (N >= 1)")
+    e.add_argument("--threads", type=positive_int, default=64, help="examples run concurrently")
     e.add_argument("--no-cache", action="store_true", help="don't read or write the call cache")
     e.add_argument("--json", default=None, help="write per-example records to this file")
     e.set_defaults(func=cmd_eval)
@@ -329,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
-        console.print(f"[red]error:[/] {exc}")
+        error(exc)
         return 2
 
 

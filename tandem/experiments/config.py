@@ -36,6 +36,13 @@ from tandem.tasks.registry import Task, get_task
 from tandem.train import LoRAConfig
 
 
+ZERO_SHOT = "zero-shot"  # the strategy that runs the given program as it is
+
+
+def is_zero_shot(strategy: str) -> bool:
+    return strategy.strip().lower() in (ZERO_SHOT, "zero_shot", "zeroshot")
+
+
 #: The weight step's bootstrap settings and their defaults (BootstrapFinetune's).
 WEIGHT_STEP_KEYS = BOOTSTRAP_DEFAULTS
 
@@ -85,6 +92,39 @@ class RunConfig:
             raise ValueError(f"[weight_step] {exc}") from None
         return opts
 
+    def check(self) -> "RunConfig":
+        """Every setting checked, without loading data or a model; a one-line ValueError naming the setting.
+
+        Called by ``load_config`` and by ``run_cell`` before it creates the run
+        directory: the strategy parses, ``sizes`` are three positive integers,
+        the ``[lora]`` and ``[weight_step]`` settings are known and valid, the
+        prompt format exists, and the counts are integers in range.
+        """
+        from tandem.optimize.better_together import parse_strategy
+
+        if not isinstance(self.strategy, str):
+            raise ValueError(f"setting `strategy` must be text like 'p -> w -> p', got {self.strategy!r}")
+        if not is_zero_shot(self.strategy):
+            parse_strategy(self.strategy, {"p", "w"})  # the steps run_cell gives BetterTogether
+        if self.sizes is not None:
+            check_sizes(self.sizes)
+        for name, low, optional in (("seed", None, False), ("data_seed", None, True), ("threads", 1, False),
+                                    ("num_candidates", 1, False), ("max_demos", 0, False),
+                                    ("prompt_train", 1, True), ("prompt_val", 1, True)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
+                what = "an integer" if low is None else f"an integer >= {low}"
+                raise ValueError(f"setting `{name}` must be {what}, got {value!r}")
+        for name in ("lora", "weight_step", "backend_options"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"setting `{name}` must be a table of settings, got {getattr(self, name)!r}")
+        self.lora_config()
+        self.weight_step_options()
+        check_format(self.format)
+        return self
+
     def split_seed(self) -> int:
         return self.seed if self.data_seed is None else self.data_seed
 
@@ -107,6 +147,16 @@ def _coerce(name: str, raw: str) -> Any:
     return raw
 
 
+def check_sizes(sizes: Any) -> None:
+    """``sizes`` is three positive integers (train, dev, test); a one-line ValueError naming it otherwise."""
+    ok = (isinstance(sizes, (tuple, list)) and len(sizes) == 3
+          and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes))
+    if not ok:
+        shown = ",".join(map(str, sizes)) if isinstance(sizes, (tuple, list)) else repr(sizes)
+        raise ValueError(f"setting `sizes` must be three positive integers train,dev,test (e.g. 50,50,50), "
+                         f"got {shown}")
+
+
 def read_toml(path: Path, what: str) -> dict[str, Any]:
     """A TOML file as a dict, or a ValueError that names the file and the problem."""
     try:
@@ -118,7 +168,10 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> RunConfig:
-    """Defaults, then the TOML file, then ``key=value`` overrides, then keyword arguments."""
+    """Defaults, then the TOML file, then ``key=value`` overrides, then keyword arguments.
+
+    The result is checked (``RunConfig.check``): a bad setting is a one-line ValueError here.
+    """
     values: dict[str, Any] = {}
     base = Path(".")
     if path is not None:
@@ -140,10 +193,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    if "sizes" in values and values["sizes"] is not None:
+    if isinstance(values.get("sizes"), list):
         values["sizes"] = tuple(values["sizes"])
-    cfg = RunConfig(**values)
-    check_format(cfg.format)
+    cfg = RunConfig(**values).check()
     # Paths in a config file are relative to the file.
     for attr in ("task", "data"):
         v = getattr(cfg, attr)

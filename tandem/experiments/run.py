@@ -39,20 +39,15 @@ from typing import Any, Callable
 
 from tandem.evaluate import evaluate
 from tandem.evaluate.evaluate import EvalResult
-from tandem.experiments.config import RunConfig, resolve_task
+from tandem.experiments.config import ZERO_SHOT, RunConfig, is_zero_shot, resolve_task
 from tandem.optimize.base import Progress
 from tandem.tasks.registry import Task
 
 log = logging.getLogger(__name__)
 
-ZERO_SHOT = "zero-shot"
 RESULTS = "results.json"
 TEST_RECORDS = "test_records.json"
 BASELINE_RECORDS = "baseline_records.json"
-
-
-def is_zero_shot(strategy: str) -> bool:
-    return strategy.strip().lower() in (ZERO_SHOT, "zero_shot", "zeroshot")
 
 
 def strategy_slug(strategy: str) -> str:
@@ -151,6 +146,7 @@ def run_cell(
     """
     from tandem.optimize import BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan
 
+    cfg.check()  # bad settings are one-line errors before data loads or the run directory exists
     say = info or (lambda msg: log.info("%s", msg))
     run_dir = Path(run_dir) if run_dir is not None else cfg.default_run_dir()
     task, data = load_data(cfg, cache=shared)

@@ -100,7 +100,95 @@ def read_program_file(directory: str | os.PathLike) -> dict:
         raise ProgramFileError(
             f"{path} has format version {v!r}; this tandem reads up to {FORMAT_VERSION}: upgrade tandem to load it"
         )
+    check_program_doc(doc, path)
     return doc
+
+
+def check_program_doc(doc: dict, path: str | os.PathLike) -> None:
+    """Check the structure of a program.json document; a ProgramFileError names the file, predictor and field.
+
+    The program class is a ``module:QualName`` string; ``predictors`` maps each
+    predictor's name to its state (``_check_predictor``).
+    """
+    if not isinstance(doc.get("program"), str) or ":" not in doc["program"]:
+        raise ProgramFileError(f"{path}: `program` must be a class path 'module:QualName', "
+                               f"got {_kind(doc.get('program', _MISSING))}")
+    preds = doc.get("predictors", _MISSING)
+    if not isinstance(preds, dict):
+        raise ProgramFileError(f"{path}: `predictors` must be an object (predictor name -> state), got {_kind(preds)}")
+    for name, state in preds.items():
+        _check_predictor(path, name, state)
+
+
+def _check_predictor(path: str | os.PathLike, name: str, state: Any) -> None:
+    """One predictor's saved state: an object with ``signature`` (an object whose ``fields`` are
+    objects with a ``name`` and an ``input`` flag), ``demos`` (a list of objects), and optionally
+    ``max_tokens`` (an integer >= 1), ``temperature`` (a number >= 0), ``format`` (a prompt
+    format's name, or null: the default) and ``lm`` (null, or an object with ``backend`` and
+    ``model`` strings and an optional ``adapter`` folder)."""
+
+    def bad(field: str, expected: str, got: Any) -> ProgramFileError:
+        return ProgramFileError(f"{path}: predictor {name!r}: `{field}` must be {expected}, got {_kind(got)}")
+
+    if not isinstance(state, dict):
+        raise ProgramFileError(f"{path}: predictor {name!r} must be an object (its saved state), got {_kind(state)}")
+    sig = state.get("signature", _MISSING)
+    if not isinstance(sig, dict):
+        raise bad("signature", "an object", sig)
+    fields = sig.get("fields", _MISSING)
+    if not isinstance(fields, list) or not fields:
+        raise bad("signature.fields", "a non-empty list of field objects", fields)
+    for i, f in enumerate(fields):
+        if not (isinstance(f, dict) and isinstance(f.get("name"), str) and isinstance(f.get("input"), bool)):
+            raise bad(f"signature.fields[{i}]", "an object with a string `name` and a boolean `input`", f)
+    if not isinstance(sig.get("instructions", ""), str):
+        raise bad("signature.instructions", "a string", sig["instructions"])
+    demos = state.get("demos", _MISSING)
+    if not isinstance(demos, list):
+        raise bad("demos", "a list of objects", demos)
+    for i, d in enumerate(demos):
+        if not isinstance(d, dict):
+            raise bad(f"demos[{i}]", "an object (field name -> value)", d)
+    mt = state.get("max_tokens", 1)
+    if not isinstance(mt, int) or isinstance(mt, bool) or mt < 1:
+        raise bad("max_tokens", "an integer >= 1", mt)
+    t = state.get("temperature", 0.0)
+    if not isinstance(t, (int, float)) or isinstance(t, bool) or not t >= 0:
+        raise bad("temperature", "a number >= 0", t)
+    fmt = state.get("format")
+    if fmt is not None:
+        from tandem.program.formats import FORMATS, get_format
+
+        try:
+            if not isinstance(fmt, str):
+                raise ValueError(fmt)
+            get_format(fmt)
+        except ValueError:
+            raise bad("format", f"a prompt format's name, one of {sorted(FORMATS)}", fmt) from None
+    ref = state.get("lm")
+    if ref is not None:  # absent or null: the caller sets the program's LM
+        if not isinstance(ref, dict):
+            raise bad("lm", "an object (backend, model, adapter) or null", ref)
+        for key in ("backend", "model"):
+            if not isinstance(ref.get(key), str) or not ref[key]:
+                raise bad(f"lm.{key}", "a non-empty string", ref.get(key, _MISSING))
+        if not isinstance(ref.get("adapter") or "", str):
+            raise bad("lm.adapter", "a folder path (a string) or null", ref["adapter"])
+
+
+_MISSING = object()  # a field that is not in the file
+
+
+def _kind(value: Any) -> str:
+    """``value`` for an error message: its JSON type and (shortened) its JSON text; or that it is missing."""
+    if value is _MISSING:
+        return "nothing (the field is missing)"
+    if value is None:
+        return "null"
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number", float: "a number"}
+    text = json.dumps(value, default=str, ensure_ascii=False)
+    text = text if len(text) <= 60 else text[:57] + "..."
+    return f"{kinds.get(type(value), type(value).__name__)} {text}"
 
 
 def load_program(directory: str | os.PathLike, *, program: Module | None = None, lm_options: dict | None = None,

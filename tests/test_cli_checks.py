@@ -1,0 +1,174 @@
+"""Bad input is a one-line error naming the setting, file or field, before any model loads.
+
+Issue #16, items D3, D4, D6, D8 and D9.
+
+Every test here replaces the LM factory with one that fails the test if it is
+called, and (for ``tandem optimize``) asserts that no run directory appeared.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import tandem
+from tandem.cli import error, main
+from tandem.experiments.config import RunConfig, load_config
+from tandem.experiments.run import run_cell
+from tandem.lm import FakeLM
+from tandem.program.persist import ProgramFileError
+from tandem.tasks.iris import IrisClassifier
+
+
+@pytest.fixture
+def no_lm(monkeypatch):
+    """``get_lm`` fails the test: the checks must come before any model is built."""
+    import tandem.lm.registry as registry
+
+    def refuse(spec, **options):
+        raise AssertionError(f"an LM was built ({spec}) before the input was checked")
+
+    monkeypatch.setattr(registry, "get_lm", refuse)
+
+
+def one_error_line(capsys) -> str:
+    """The single line of stderr, which starts with ``error:``."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
+
+
+# -- D3, D4: optimize settings are checked before the model loads and before the run directory --------
+@pytest.mark.parametrize("args, expected", [
+    (["--strategy", "p -> x"], ["unknown step 'x'", "'p -> x'", "known steps: p, w"]),
+    (["--strategy", ""], ["empty step in strategy ''"]),
+    (["--strategy", "p ->"], ["empty step in strategy 'p ->'"]),
+    (["--set", "lora.rnak=32"], ["unknown [lora] setting(s) ['rnak']", "'rank'"]),  # D6: "[lora]" printed as is
+    (["--set", "weight_step.atempts=2"], ["unknown [weight_step] setting(s) ['atempts']"]),
+    (["--set", "weight_step.attempts=0"], ["[weight_step] attempts must be an integer >= 1"]),
+    (["--set", "sizes=0,0,0"], ["`sizes`", "three positive integers", "got 0,0,0"]),
+    (["--set", "sizes=-5,50,50"], ["`sizes`", "three positive integers", "got -5,50,50"]),  # D4
+    (["--set", "sizes=50,50"], ["`sizes`", "got 50,50"]),
+    (["--set", "threads=0"], ["`threads`", ">= 1", "got 0"]),
+    (["--set", "format=nope"], ["unknown prompt format 'nope'"]),
+])
+def test_optimize_rejects_bad_settings_before_the_model_and_the_run_dir(args, expected, tmp_path, monkeypatch,
+                                                                        capsys, no_lm):
+    monkeypatch.chdir(tmp_path)  # the default run dir is runs/<task>-<strategy>-s<seed> under here
+    run_dir = tmp_path / "run"
+    assert main(["optimize", "iris", "--model", "fakebackend:m", *args]) == 2
+    assert main(["optimize", "iris", "--model", "fakebackend:m", "--run-dir", str(run_dir), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and err[0] == err[1] and err[0].startswith("error: "), err
+    for text in expected:
+        assert text in err[0], (text, err[0])
+    assert not (tmp_path / "runs").exists() and not run_dir.exists()
+
+
+def test_config_file_settings_are_checked_too(tmp_path, capsys, no_lm):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(f'task = "iris"\nsizes = [30, -1, 15]\nrun_dir = "{tmp_path / "run"}"\n')
+    assert main(["optimize", "--config", str(cfg)]) == 2
+    assert "`sizes`" in one_error_line(capsys) and not (tmp_path / "run").exists()
+    cfg.write_text(f'task = "iris"\nsizes = 30\nrun_dir = "{tmp_path / "run"}"\n')
+    assert main(["optimize", "--config", str(cfg)]) == 2
+    assert "`sizes` must be three positive integers" in one_error_line(capsys)
+    cfg.write_text(f'task = "iris"\nrun_dir = "{tmp_path / "run"}"\n[lora]\nrnak = 32\n')
+    assert main(["optimize", "--config", str(cfg)]) == 2
+    assert "unknown [lora] setting(s) ['rnak']" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()
+
+
+def test_good_settings_pass_the_checks():
+    cfg = load_config(None, ["sizes=30,15,15", "lora.rank=8", "weight_step.attempts=2"], task="iris",
+                      strategy="p -> w")
+    assert cfg.sizes == (30, 15, 15) and cfg.check() is cfg
+    assert load_config(None, [], strategy="zero-shot").strategy == "zero-shot"
+
+
+def test_run_cell_checks_before_it_creates_the_run_dir(tmp_path):
+    """Library callers who build a RunConfig themselves get the same checks (the LM is never used)."""
+    for cfg in (RunConfig(strategy="p -> x"), RunConfig(sizes=(-5, 50, 50)), RunConfig(lora={"rnak": 32})):
+        with pytest.raises(ValueError):
+            run_cell(cfg, lm=object(), run_dir=tmp_path / "run")
+        assert not (tmp_path / "run").exists()
+
+
+# -- D6: error text is printed literally ----------------------------------------------------------
+def test_error_text_is_not_read_as_markup(capsys):
+    error("unknown [lora] setting(s) ['rnak']; [bold]not bold[/bold] " + "x" * 200)
+    line = one_error_line(capsys)  # long messages are not wrapped either
+    assert "unknown [lora] setting(s) ['rnak']; [bold]not bold[/bold] " in line and line.endswith("x" * 200)
+
+
+# -- D8: eval --limit ------------------------------------------------------------------------------
+@pytest.mark.parametrize("limit", ["0", "-1", "abc"])
+def test_eval_limit_must_be_a_positive_integer(limit, capsys, no_lm):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "iris", "--model", "fakebackend:m", f"--limit={limit}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument --limit: must be a positive integer, got '{limit}'" in err
+
+
+def test_eval_limit_accepts_a_positive_integer():
+    from tandem.cli import build_parser
+
+    assert build_parser().parse_args(["eval", "iris", "--limit", "3"]).limit == 3
+
+
+# -- D9: program.json structure -------------------------------------------------------------------
+def saved(tmp_path):
+    """A saved Iris program (a fake LM reference) and its program.json document."""
+    IrisClassifier().set_lm(FakeLM("Species: setosa", name="m")).save(tmp_path / "p")
+    return tmp_path / "p", json.loads((tmp_path / "p" / "program.json").read_text())
+
+
+@pytest.mark.parametrize("change, field, expected", [
+    ({"demos": "oops"}, "`demos`", 'a list of objects, got a string "oops"'),
+    ({"demos": [1]}, "`demos[0]`", "an object (field name -> value), got a number 1"),
+    ({"demos": None}, "`demos`", "a list of objects, got null"),
+    ({"signature": None}, "`signature`", "an object, got null"),
+    ({"signature": {"fields": "x"}}, "`signature.fields`", "a non-empty list of field objects"),
+    ({"signature": {"fields": [{"name": "a"}]}}, "`signature.fields[0]`", "a boolean `input`"),
+    ({"max_tokens": 0}, "`max_tokens`", "an integer >= 1, got a number 0"),
+    ({"max_tokens": "128"}, "`max_tokens`", 'an integer >= 1, got a string "128"'),
+    ({"temperature": -1}, "`temperature`", "a number >= 0, got a number -1"),
+    ({"temperature": True}, "`temperature`", "a number >= 0, got a boolean true"),
+    ({"format": "nope"}, "`format`", "a prompt format's name, one of ['fields', 'json', 'markers']"),
+    ({"lm": "fake:m"}, "`lm`", "an object (backend, model, adapter) or null"),
+    ({"lm": {"backend": "fake"}}, "`lm.model`", "a non-empty string, got nothing (the field is missing)"),
+    ({"lm": {"backend": "fake", "model": "m", "adapter": 3}}, "`lm.adapter`", "a folder path"),
+])
+def test_program_file_structure_is_checked(change, field, expected, tmp_path, capsys, no_lm):
+    directory, doc = saved(tmp_path)
+    doc["predictors"]["classify"].update(change)
+    (directory / "program.json").write_text(json.dumps(doc))
+    with pytest.raises(ProgramFileError) as exc:
+        tandem.load(directory)
+    message = str(exc.value)
+    assert str(directory / "program.json") in message and "predictor 'classify'" in message
+    assert field in message and expected in message, message
+    assert main(["serve", str(directory)]) == 2  # tandem serve: the same one line, no model built
+    assert one_error_line(capsys) == f"error: {message}"
+
+
+def test_program_file_top_level_structure(tmp_path, no_lm):
+    directory, doc = saved(tmp_path)
+    for change, expected in (({"predictors": []}, "`predictors` must be an object"),
+                             ({"predictors": {"classify": "x"}}, "predictor 'classify' must be an object"),
+                             ({"program": 3}, "`program` must be a class path 'module:QualName'")):
+        (directory / "program.json").write_text(json.dumps({**doc, **change}))
+        with pytest.raises(ProgramFileError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+            tandem.load(directory)
+
+
+def test_a_good_program_file_still_loads(tmp_path):
+    directory, doc = saved(tmp_path)
+    doc["predictors"]["classify"]["format"] = None  # null: the default format
+    (directory / "program.json").write_text(json.dumps(doc))
+    lm = FakeLM("Species: setosa", name="m")
+    program = tandem.load(directory, lms={"fake:m": lm})
+    assert program.classify.lm is lm and program.classify.params.max_tokens == 128
