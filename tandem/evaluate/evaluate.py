@@ -5,6 +5,8 @@ requests at once (vLLM batches them continuously). Failures are counted
 apart from wrong answers: a reply that does not parse, an exception in the
 program, a metric that raises or returns a non-number. A failed example
 scores 0 and keeps its error message; it never stops the evaluation.
+The metric is called as ``metric(example, prediction, None)`` here (or
+without the third argument if it takes none); bootstrapping passes the trace.
 
     result = evaluate(program, devset, metric, num_threads=64)
     result.score, result.failures, result.records[0].prediction
@@ -12,6 +14,7 @@ scores 0 and keeps its error message; it never stops the evaluation.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import numbers
@@ -32,7 +35,7 @@ Metric = Callable[..., float]
 
 
 class MetricError(TypeError):
-    """The metric returned something that is not a number."""
+    """The metric returned something that is not a number (counted as a ``"metric"`` failure)."""
 
 
 @dataclass
@@ -74,13 +77,29 @@ class EvalResult:
         return {**self.summary(), "records": [r.to_dict() for r in self.records]}
 
 
-def call_metric(metric: Metric, example: Example, prediction: Prediction, trace_: Trace | None) -> float:
-    """Call ``metric(example, prediction, trace)``; metrics may omit the trace argument."""
+def metric_takes_trace(metric: Metric) -> bool:
+    """Whether ``metric`` accepts a third positional argument (or ``*args``), the trace.
+
+    A callable whose signature cannot be read is given the trace, as the
+    metric protocol ``metric(example, prediction, trace=None)`` asks.
+    """
     try:
+        params = inspect.signature(metric).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return True
+    return sum(1 for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)) >= 3
+
+
+def call_metric(metric: Metric, example: Example, prediction: Prediction, trace_: Trace | None) -> float:
+    """Score ``prediction``: ``metric(example, prediction, trace_)``, or ``metric(example, prediction)``
+    for a metric whose signature takes no trace. The metric runs once; what it raises, a TypeError
+    included, reaches the caller, as does a ``MetricError`` for a result that is not a number.
+    """
+    if metric_takes_trace(metric):
         value = metric(example, prediction, trace_)
-    except TypeError as exc:
-        if "positional argument" not in str(exc):
-            raise
+    else:
         value = metric(example, prediction)
     if isinstance(value, bool):
         return float(value)
@@ -100,10 +119,17 @@ def classify_failure(exc: BaseException) -> str:
 
 
 def run_example(
-    program: Module, example: Example, metric: Metric | None, index: int = 0, keep_trace: bool = False
+    program: Module, example: Example, metric: Metric | None, index: int = 0, keep_trace: bool = False,
+    *, metric_trace: bool = False,
 ) -> tuple[Record, Trace]:
-    """Run one example under a trace; never raises for the example's own errors."""
-    with trace() as t:
+    """Run one example under a trace; never raises for the example's own errors.
+
+    The metric receives the trace when ``metric_trace`` is set (optimizers
+    bootstrapping) and ``None`` otherwise (evaluation), as in DSPy. An
+    exception raised by the metric, or a result that is not a number, is the
+    example's ``"metric"`` failure.
+    """
+    with trace(program) as t:
         try:
             pred = program(**example.inputs())
         except Exception as exc:  # noqa: BLE001 - counted, not raised
@@ -115,7 +141,7 @@ def run_example(
     score, failure, error = 0.0, None, None
     if metric is not None:
         try:
-            score = call_metric(metric, example, pred, t)
+            score = call_metric(metric, example, pred, t if metric_trace else None)
         except Exception as exc:  # noqa: BLE001 - a raising metric is a counted failure
             failure, error = "metric", f"{type(exc).__name__}: {exc}"
     rec = Record(index, dict(example), dict(pred), score, failure, error)
@@ -133,7 +159,7 @@ def evaluate(
     progress: Callable[[int, int], None] | None = None,
     keep_traces: bool = False,
 ) -> EvalResult:
-    """Run ``program`` on every example and score it with ``metric``.
+    """Run ``program`` on every example and score it with ``metric`` (given ``None`` as the trace).
 
     ``progress(done, total)`` is called after each example (the CLI draws a
     bar with it). The score is a percentage of the metric's maximum 1.0.

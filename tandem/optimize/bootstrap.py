@@ -112,7 +112,7 @@ def run_attempt(
             stack.enter_context(sampling_override(temperature=temperature, seed=seed * 1000 + attempt))
         if hinted:
             stack.enter_context(hint_override(example.labels()))
-        rec, t = run_example(program, example, metric, index)
+        rec, t = run_example(program, example, metric, index, metric_trace=True)
     entries = list(t.entries)
     failure = rec.failure
     if failure is None and hinted and mentions_hint(entries):

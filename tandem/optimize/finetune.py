@@ -87,19 +87,30 @@ class BootstrapFinetune:
         self.balance = balance
 
     def sft_examples(self, program: Module, runs) -> dict[str, list[SFTExample]]:
-        """SFT examples from passing ``runs``, grouped by the LoRA they train (an LM, or a module)."""
+        """SFT examples from passing ``runs``, grouped by the LoRA they train (an LM, or a module).
+
+        Trace entries name predictors as ``program.named_predictors()`` does,
+        nested modules included; an entry of a predictor the program does not
+        hold (one kept in a local variable or a private attribute) has no
+        prompt to train and is left out with a warning.
+        """
         preds = dict(program.named_predictors())
         bases = {name: _base_lm(p.get_lm()) for name, p in preds.items()}
         groups: dict[str, list[SFTExample]] = {}
+        unknown: dict[str, int] = {}
         for run in runs:
             for e in run.entries:
                 pred = preds.get(e.predictor)
                 if pred is None:
+                    unknown[e.predictor] = unknown.get(e.predictor, 0) + 1
                     continue
                 demos = pred.demos if self.keep_demos else []
                 text = bases[e.predictor].render(pred.format.build_prompt(pred.signature, demos, e.inputs))
                 key = bases[e.predictor].fingerprint() if self.multitask else e.predictor
                 groups.setdefault(key, []).append(SFTExample(text, e.completion, e.predictor))
+        if unknown:
+            log.warning("weight step: %d traced calls of predictors the program does not name were left out: %s "
+                        "(its predictors: %s)", sum(unknown.values()), unknown, sorted(preds))
         return groups
 
     def compile(

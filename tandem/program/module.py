@@ -9,17 +9,75 @@
             ...
 
 Predictors are found by attribute name (``named_predictors``), including
-inside nested modules, lists and dicts, so optimizers can read and replace
-their prompts and LMs. ``deepcopy`` copies prompts and demos but shares LMs
-(engines are heavy and stateless from the program's point of view).
+inside nested modules, lists and dicts at any depth (``sub.hops[0]``,
+``tools['search']``), so optimizers can read and replace their prompts and
+LMs. That name is the predictor's one name everywhere: in traces, demos,
+SFT data and program.json.
+
+A predictor's name is resolved when it is called, never stored on it: the
+program of the active trace (``trace(program)``) names it first, then the
+outermost module call under way that contains it (``predictor_name``). A
+sub-module called inside its program (``self.sub(x=1)`` in ``forward``, or
+``program.sub(...)`` under ``trace(program)``) therefore records the names of
+the top-level program's ``named_predictors()``, and calls in other threads
+never rename each other's predictors.
+
+``deepcopy`` copies prompts and demos but shares LMs (engines are heavy and
+stateless from the program's point of view).
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
 from typing import Any, Iterator
 
 from tandem.program.example import Prediction
+from tandem.program.trace import current_trace
+
+
+class _Call:
+    """A module call under way; the names of its predictors are read when first asked for."""
+
+    __slots__ = ("module", "_names")
+
+    def __init__(self, module: "Module") -> None:
+        self.module = module
+        self._names: dict[int, str] | None = None
+
+    def names(self) -> dict[int, str]:
+        if self._names is None:
+            self._names = predictor_names(self.module)
+        return self._names
+
+
+#: The module calls under way in this context, outermost first.
+_calls: contextvars.ContextVar[tuple[_Call, ...]] = contextvars.ContextVar("tandem_module_calls", default=())
+
+
+def predictor_names(program: "Module") -> dict[int, str]:
+    """``{id(predictor): name}`` for every predictor of ``program`` (the names of ``named_predictors``)."""
+    return {id(pred): name for name, pred in program.named_predictors()}
+
+
+def predictor_name(pred: "Module") -> str:
+    """``pred``'s name in the program it is running in.
+
+    The active trace's program is asked first, then the module calls under
+    way, outermost first; a predictor none of them contains (a bare
+    predictor, or one held in a local variable) is named ``"self"``, its name
+    in its own ``named_predictors()``.
+    """
+    t = current_trace()
+    if t is not None and t.program is not None:
+        name = t.names().get(id(pred))
+        if name is not None:
+            return name
+    for call in _calls.get():
+        name = call.names().get(id(pred))
+        if name is not None:
+            return name
+    return "self"
 
 
 class Module:
@@ -29,26 +87,21 @@ class Module:
         raise NotImplementedError
 
     def __call__(self, **inputs: Any) -> Prediction:
-        self._name_predictors()
-        return self.forward(**inputs)
+        token = _calls.set(_calls.get() + (_Call(self),))
+        try:
+            return self.forward(**inputs)
+        finally:
+            _calls.reset(token)
 
     # -- structure ---------------------------------------------------------------
     def _children(self) -> Iterator[tuple[str, Any]]:
+        """``(name, module)`` for each module held in a public attribute, in lists, tuples and dicts at any depth."""
         for name, value in vars(self).items():
-            if name.startswith("_"):
-                continue
-            if isinstance(value, Module):
-                yield name, value
-            elif isinstance(value, (list, tuple)):
-                for i, v in enumerate(value):
-                    if isinstance(v, Module):
-                        yield f"{name}[{i}]", v
-            elif isinstance(value, dict):
-                for k, v in value.items():
-                    if isinstance(v, Module):
-                        yield f"{name}[{k!r}]", v
+            if not name.startswith("_"):
+                yield from _modules_in(name, value)
 
     def named_predictors(self) -> list[tuple[str, "Predict"]]:  # noqa: F821
+        """``(name, predictor)`` pairs, in attribute order; a predictor reachable twice keeps its first name."""
         from tandem.program.predict import Predict
 
         out: list[tuple[str, Predict]] = []
@@ -70,10 +123,6 @@ class Module:
     def predictors(self) -> list:
         return [p for _, p in self.named_predictors()]
 
-    def _name_predictors(self) -> None:
-        for name, pred in self.named_predictors():
-            pred.name = name
-
     # -- copies and LMs ------------------------------------------------------------
     def deepcopy(self) -> "Module":
         """A copy whose prompts can be changed freely; LMs are shared, not copied."""
@@ -83,9 +132,7 @@ class Module:
         for obj in _reachable(self):
             if isinstance(obj, LM) or getattr(obj, "_tandem_share", False):
                 memo[id(obj)] = obj
-        new = copy.deepcopy(self, memo)
-        new._name_predictors()
-        return new
+        return copy.deepcopy(self, memo)
 
     def reset_copy(self) -> "Module":
         """A copy with every predictor's demos removed."""
@@ -135,6 +182,18 @@ class Module:
         for name, s in state.items():
             preds[name].load_state(s)
         return self
+
+
+def _modules_in(name: str, value: Any) -> Iterator[tuple[str, "Module"]]:
+    """Modules in ``value`` (a module, or containers of them), named ``name``, ``name[0]``, ``name['k']``, ..."""
+    if isinstance(value, Module):
+        yield name, value
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            yield from _modules_in(f"{name}[{i}]", v)
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _modules_in(f"{name}[{k!r}]", v)
 
 
 def _reachable(root: Any) -> Iterator[Any]:

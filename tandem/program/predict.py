@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from tandem.lm.base import LM, Request, SamplingParams
 from tandem.program.example import Prediction
-from tandem.program.module import Module
+from tandem.program.module import Module, predictor_name
 from tandem.program.formats import PromptFormat, get_format
 from tandem.program.render import ParseError
 from tandem.program.signature import Field, Signature
@@ -83,7 +83,11 @@ class Predict(Module):
         self.params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
         self.fill_missing = fill_missing
         self.format = get_format(format)  # tandem.program.formats: "fields" (default), "markers"
-        self.name = "self"
+
+    @property
+    def name(self) -> str:
+        """This predictor's name in the program it runs in (tandem.program.module.predictor_name)."""
+        return predictor_name(self)
 
     # -- the call -------------------------------------------------------------------
     def get_lm(self) -> LM:
@@ -121,7 +125,7 @@ class Predict(Module):
         outputs = self.format.parse(self.signature, req.prompt.prefix + reply)
         if t is not None:
             shown = {f.name: inputs[f.name] for f in self.signature.input_fields}
-            t.record(self.name, shown, outputs, req.text, reply)
+            t.record(predictor_name(self), shown, outputs, req.text, reply)
         return Prediction(outputs)
 
     def _fill_missing(self, lm: LM, req: Request, reply: str, t) -> str:

@@ -1,8 +1,13 @@
 """Traces: every predictor call made while a program runs.
 
-    with trace() as calls:
+    with trace(program) as calls:
         pred = program(question="...")
     calls[0].predictor, calls[0].inputs, calls[0].outputs
+
+``calls[0].predictor`` is the predictor's name in ``program.named_predictors()``,
+also for predictors of nested modules and for a sub-module called on its
+own under the trace (``program.sub(x=1)``). Without a program, names come
+from the outermost module call (tandem.program.module.predictor_name).
 
 A trace lives in a context variable, so threads that each run one example
 (Evaluate, bootstrapping) keep separate traces.
@@ -13,7 +18,7 @@ from __future__ import annotations
 import contextvars
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from tandem.lm.base import Usage
 
@@ -37,6 +42,16 @@ class Trace:
     # Tokens of every LM call made under this trace, parse failures included:
     # evaluations sum these, which stays exact when evaluations run concurrently.
     usage: Usage = field(default_factory=Usage)
+    # The program whose predictor names the entries use (None: the outermost module call's).
+    program: Any = None
+    _names: dict | None = field(default=None, repr=False, compare=False)
+
+    def names(self) -> dict[int, str]:
+        """``{id(predictor): name}`` for ``program``'s predictors, read on first use."""
+        if self._names is None:
+            named = self.program.named_predictors() if self.program is not None else []
+            self._names = {id(pred): name for name, pred in named}
+        return self._names
 
     def record(self, predictor: str, inputs: dict, outputs: dict, prompt: str, completion: str) -> None:
         index = sum(1 for e in self.entries if e.predictor == predictor)
@@ -60,8 +75,9 @@ def current_trace() -> Trace | None:
 
 
 @contextmanager
-def trace() -> Iterator[Trace]:
-    t = Trace()
+def trace(program: Any = None) -> Iterator[Trace]:
+    """Record every predictor call in this context, named after ``program``'s predictors if given."""
+    t = Trace(program=program)
     token = _current.set(t)
     try:
         yield t
