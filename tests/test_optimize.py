@@ -197,7 +197,7 @@ def test_weight_step_with_nothing_to_train(tmp_path):
 def test_p_w_p_restarts_prompts_on_new_weights(tmp_path):
     calls = []
     lm, opt = bt(tmp_path, "p -> w -> p", calls)
-    lm.adapter_replies[str(tmp_path / "run" / "steps" / "02-w" / "adapters" / "adapter")] = tuned_reply
+    lm.adapter_replies[str(tmp_path / "run" / "steps" / "02-w" / "out" / "adapter")] = tuned_reply
     opt.run_dir = tmp_path / "run"
     prog = Mod3().set_lm(lm)
     prog.solve.instructions = "ORIGINAL"
@@ -222,7 +222,7 @@ class SetInstructions:
     def __init__(self, text, seeds=None):
         self.text, self.seeds = text, [] if seeds is None else seeds
 
-    def compile(self, program, *, trainset, valset, seed=0):
+    def compile(self, program, *, trainset, valset, seed=0, progress=None, out_dir=None):
         self.seeds.append(seed)
         new = program.deepcopy()
         new.solve.instructions = self.text
@@ -249,7 +249,7 @@ def test_the_start_is_step_0_of_the_history_and_of_the_run_dir(tmp_path):
     assert all((d / "record.json").exists() and (d / "program" / "program.json").exists() for d in steps.iterdir())
     assert json.loads((steps / "00-start" / "record.json").read_text())["kind"] == "start"
     assert load_program(steps / "00-start" / "program", lms={"fake:fake": lm}).dump_state() == Mod3().dump_state()
-    assert (steps / "02-w" / "adapters" / "adapter").is_dir()  # the weight step's adapter, by history index
+    assert (steps / "02-w" / "out" / "adapter").is_dir()  # the weight step's adapter, by history index
     best = res.extra["best_step"]
     assert best >= 1 and res.score == res.history[best].val_score > start.val_score
     assert read_program_file(tmp_path / "run" / "final")["extra"]["best_step"] == best
@@ -294,7 +294,7 @@ def test_selection_uses_the_outer_valset_only(tmp_path):
     seen_val = []
 
     class Spy(RandomSearch):
-        def compile(self, program, *, trainset, valset, seed=0, progress=None):
+        def compile(self, program, *, trainset, valset, seed=0, progress=None, out_dir=None):
             seen_val.extend(ex.x for ex in valset)
             return super().compile(program, trainset=trainset, valset=valset, seed=seed)
 
@@ -306,11 +306,11 @@ def test_selection_uses_the_outer_valset_only(tmp_path):
 
 def test_registered_step_and_a_step_that_raises(tmp_path):
     class Boom:
-        def compile(self, program, *, trainset, valset, seed=0):
+        def compile(self, program, *, trainset, valset, seed=0, progress=None, out_dir=None):
             raise RuntimeError("exploded")
 
     class Instr:
-        def compile(self, program, *, trainset, valset, seed=0):
+        def compile(self, program, *, trainset, valset, seed=0, progress=None, out_dir=None):
             new = program.deepcopy()
             new.solve.instructions = "Be careful."
             return CompileResult(new, [StepRecord(0, "instr")])
@@ -331,14 +331,14 @@ def test_registered_step_and_a_step_that_raises(tmp_path):
 def test_resume_continues_after_the_last_finished_step(tmp_path, killed_in):
     lm, opt = bt(tmp_path, "p -> w -> p")
     run = tmp_path / "run"
-    lm.adapter_replies[str(run / "steps" / "02-w" / "adapters" / "adapter")] = tuned_reply
+    lm.adapter_replies[str(run / "steps" / "02-w" / "out" / "adapter")] = tuned_reply
     opt.run_dir = run
     full = opt.compile(Mod3().set_lm(lm), trainset=data(30), valset=data(15, 40), seed=2)
 
     # A second run killed during step `killed_in`...
     lm2, opt2 = bt(tmp_path, "p -> w -> p")
     run2 = tmp_path / "run2"
-    lm2.adapter_replies[str(run2 / "steps" / "02-w" / "adapters" / "adapter")] = tuned_reply
+    lm2.adapter_replies[str(run2 / "steps" / "02-w" / "out" / "adapter")] = tuned_reply
     # on resume the adapter is read from the saved program's copy of the folder
     lm2.adapter_replies[str(run2 / "steps" / "02-w" / "program" / "adapters" / "adapter")] = tuned_reply
     opt2.run_dir = run2

@@ -1,17 +1,26 @@
 """What every optimizer shares: the compile protocol and its typed result.
 
-    result = optimizer.compile(program, trainset=train, valset=val, seed=0)
+    result = optimizer.compile(program, trainset=train, valset=val, seed=0,
+                               progress=None, out_dir=None)
     result.program      # a new program; the input program is never mutated
     result.history      # one StepRecord per step, in order (BetterTogether: history[0]
                         # is the given program, kind "start", scored before any step)
 
-An optimizer may take a ``progress(label, done, total)`` callback; the CLI
-draws bars with it.
+``Optimizer`` is the protocol. BetterTogether calls every step's optimizer
+the same way, its own ``p`` and ``w`` and any registered with
+``optimizers={"name": optimizer}``: with a ``progress(label, done, total)``
+callback (the CLI draws bars with it) and an ``out_dir`` for the files the
+step writes (adapters, logs), ``steps/NN-name/out/`` of the run directory.
+An optimizer that sets ``restarts_prompts = True`` (RandomSearch) is a
+prompt optimizer: it is given the original prompts on the current weights,
+and two disjoint parts of the training set.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Protocol
 
 from tandem.lm.base import Usage
@@ -54,9 +63,40 @@ class CompileResult:
 
 
 class Optimizer(Protocol):
+    """An optimizer: ``compile`` returns a new program and the step's record (``history[-1]``).
+
+    ``progress`` may be None (no bars); ``out_dir`` is a folder the optimizer
+    may create and write into, or None (it then picks its own, if it needs one).
+    """
+
+    #: True for a prompt optimizer: BetterTogether hands it the original prompts (not the
+    #: current ones) on the current weights. Read with ``getattr(opt, "restarts_prompts", False)``.
+    restarts_prompts: bool = False
+
     def compile(
-        self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0
+        self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
+        progress: Progress | None = None, out_dir: str | Path | None = None,
     ) -> CompileResult: ...
+
+
+def check_optimizer(name: str, opt: object) -> None:
+    """Raise TypeError unless ``opt.compile`` takes the protocol's keywords (``progress``, ``out_dir``)."""
+    compile_ = getattr(opt, "compile", None)
+    if not callable(compile_):
+        raise TypeError(f"optimizer {name!r} ({type(opt).__name__}) has no compile() method")
+    try:
+        params = inspect.signature(compile_).parameters
+    except (TypeError, ValueError):
+        return  # a signature that cannot be read: trust it
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    lacking = [k for k in ("trainset", "valset", "seed", "progress", "out_dir") if k not in params]
+    if lacking:
+        raise TypeError(
+            f"optimizer {name!r} ({type(opt).__name__}): compile() takes no {', '.join(lacking)}; "
+            "it is called as compile(program, *, trainset, valset, seed, progress, out_dir) "
+            "(tandem.optimize.base.Optimizer)"
+        )
 
 
 def usage_dict(u: Usage) -> dict:

@@ -4,10 +4,13 @@
     result = bt.compile(program, trainset=train, valset=dev, seed=0)
 
 Steps (``p``: RandomSearch, ``w``: BootstrapFinetune, or any name given in
-``optimizers={"name": optimizer}``) run left to right. A prompt step always restarts from the
-*original* prompts, on the weights current at that point (the paper's
-``Pi'' = OptimizePrompts(program<Theta', Pi>)``). A weight step trains on
-traces of the current program (current prompts and weights).
+``optimizers={"name": optimizer}``) run left to right. Every step's optimizer
+is called the same way (the ``Optimizer`` protocol, ``tandem.optimize.base``):
+``compile(program, trainset=, valset=, seed=, progress=, out_dir=)``. A prompt
+optimizer (``restarts_prompts = True``, as RandomSearch) always restarts from
+the *original* prompts, on the weights current at that point (the paper's
+``Pi'' = OptimizePrompts(program<Theta', Pi>)``). Any other step, the weight
+step included, starts from the current program (current prompts and weights).
 
 Step 0, the start. Before the first step the given program is scored on the
 ``valset``; ``history[0]`` is its record (``kind="start"``) and the strategy's
@@ -19,15 +22,20 @@ a run is never worse on the validation set than its start. DSPy's
 BetterTogether lets the earlier program win ties; tandem prefers the later.
 ``result.extra["best_step"]`` is the history index (0: the start).
 
-Splits. The inner optimizers get the training set only: prompt steps
-bootstrap on one part of it and pick their candidate on the other part
-(Iris: 15 / 35, as in the paper), weight steps bootstrap on all of it. The
+Splits. The inner optimizers get the training set only: prompt optimizers
+get two disjoint parts of it, bootstrap on one and pick their candidate on
+the other (Iris: 15 / 35, as in the paper); any other step gets all of it as
+``trainset`` (the weight step bootstraps on all of it) and the second part as
+``valset``. The
 ``valset`` is used only here, to score the start and the program after each
 step and to pick the returned program: a split that no inner optimizer selected on.
 
 Run directory. The start is checkpointed like a step, in ``steps/00-start/``;
 after each step, ``steps/NN-kind/`` (NN = its history index: ``01-p``,
 ``02-w``, ...) receives the program (program.json + adapters) and its record;
+the step's optimizer is handed ``steps/NN-kind/out/`` as its ``out_dir`` (the
+weight step trains its adapters there; without a run directory, a fresh
+temporary folder stands in for the run directory);
 ``final/`` is the returned program. ``resume=True`` reloads the start and
 the steps that finished and continues with the next one. A step's seed is
 ``seed * 100 + its position in the strategy`` (0-based), so a resumed run
@@ -47,7 +55,7 @@ from pathlib import Path
 from typing import Callable
 
 from tandem.evaluate.evaluate import Metric, evaluate
-from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
+from tandem.optimize.base import CompileResult, Optimizer, Progress, StepRecord, check_dataset, check_optimizer
 from tandem.optimize.finetune import BootstrapFinetune
 from tandem.optimize.random_search import RandomSearch
 from tandem.program.example import Example
@@ -101,12 +109,12 @@ class SplitPlan:
 class BetterTogether:
     metric: Metric
     strategy: str = "p -> w -> p"
-    prompt_optimizer: RandomSearch | None = None
-    weight_optimizer: BootstrapFinetune | None = None
+    prompt_optimizer: Optimizer | None = None  # step "p" (default: RandomSearch)
+    weight_optimizer: Optimizer | None = None  # step "w" (default: BootstrapFinetune)
     splits: SplitPlan = field(default_factory=SplitPlan)
     run_dir: str | Path | None = None
     num_threads: int = 64
-    optimizers: dict[str, object] = field(default_factory=dict)
+    optimizers: dict[str, Optimizer] = field(default_factory=dict)  # more steps, by name
 
     def __post_init__(self) -> None:
         self.prompt_optimizer = self.prompt_optimizer or RandomSearch(self.metric, num_threads=self.num_threads)
@@ -114,6 +122,8 @@ class BetterTogether:
         self.optimizers = {"p": self.prompt_optimizer, "w": self.weight_optimizer, **self.optimizers}
         if START in self.optimizers:
             raise StrategyError(f"{START!r} names step 0 (the given program); register your optimizer as another name")
+        for name, opt in self.optimizers.items():
+            check_optimizer(name, opt)
         self.steps = parse_strategy(self.strategy, set(self.optimizers))
 
     def with_strategy(self, strategy: str) -> "BetterTogether":
@@ -131,6 +141,7 @@ class BetterTogether:
         check_dataset("trainset", trainset, minimum=2)
         check_dataset("valset", valset)
         run_dir = Path(self.run_dir) if self.run_dir else None
+        files_dir = run_dir or Path(tempfile.mkdtemp(prefix="tandem-run-"))  # the steps' out_dir live here
         original = program.deepcopy()  # never touch the caller's program
         history: list[StepRecord] = []  # history[i] scored programs[i]; 0 is the start
         programs: list[Module] = []
@@ -156,7 +167,8 @@ class BetterTogether:
             current = programs[-1]
             t0 = time.perf_counter()
             try:
-                result = self._run_step(kind, original, current, trainset, step_seed, run_dir, i, progress)
+                out_dir = files_dir / "steps" / f"{i:02d}-{kind}" / "out"
+                result = self._run_step(kind, original, current, trainset, step_seed, out_dir, progress)
             except Exception as exc:
                 rec = StepRecord(i, kind, status="failed", wall_s=time.perf_counter() - t0,
                                  detail=f"{type(exc).__name__}: {exc}")
@@ -201,21 +213,19 @@ class BetterTogether:
         if on_step:
             on_step(rec)
 
-    def _run_step(self, kind, original, current, trainset, seed, run_dir, index, progress) -> CompileResult:
+    def _run_step(self, kind, original, current, trainset, seed, out_dir, progress) -> CompileResult:
+        """Run step ``kind``'s optimizer, called as every step's is (tandem.optimize.base.Optimizer)."""
         opt = self.optimizers[kind]
-        if kind == "p" or isinstance(opt, RandomSearch):
-            # Restart from the original prompts, on the current weights.
-            base = original.deepcopy()
-            for (name, p), (_, c) in zip(base.named_predictors(), current.named_predictors()):
+        part_train, part_val = self.splits.split(trainset, seed)
+        if getattr(opt, "restarts_prompts", False):
+            # A prompt optimizer restarts from the original prompts, on the current weights.
+            program = original.deepcopy()
+            for (_, p), (_, c) in zip(program.named_predictors(), current.named_predictors()):
                 p.lm = c.lm
-            train, val = self.splits.split(trainset, seed)
-            return opt.compile(base, trainset=train, valset=val, seed=seed, progress=progress)
-        if isinstance(opt, BootstrapFinetune):
-            _, inner_val = self.splits.split(trainset, seed)
-            out = (run_dir / "steps" / f"{index:02d}-{kind}" / "adapters") if run_dir else None
-            return opt.compile(current, trainset=trainset, valset=inner_val, seed=seed,
-                               progress=progress, out_dir=out or Path(tempfile.mkdtemp(prefix="tandem-adapter-")))
-        return opt.compile(current, trainset=trainset, valset=self.splits.split(trainset, seed)[1], seed=seed)
+        else:
+            program, part_train = current, trainset
+        return opt.compile(program, trainset=part_train, valset=part_val, seed=seed, progress=progress,
+                           out_dir=out_dir)
 
     # -- run directory -----------------------------------------------------------------
     def _write_plan(self, run_dir: Path, seed: int) -> None:

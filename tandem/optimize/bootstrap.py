@@ -335,7 +335,8 @@ class BootstrapFewShot:
         return demos
 
     def compile(self, program: Module, *, trainset: list[Example], valset=None, seed: int = 0,
-                progress: Progress | None = None) -> CompileResult:
+                progress: Progress | None = None, out_dir=None) -> CompileResult:
+        """The optimizer protocol's compile (``out_dir`` is unused: nothing is written)."""
         check_dataset("trainset", trainset)
         boot = self.run_bootstrap(program, trainset)
         new = self.assemble(program, boot, trainset)

@@ -50,6 +50,10 @@ def _base_lm(lm: LM) -> LM:
 
 
 class BootstrapFinetune:
+    """The weight step (tandem.optimize.base.Optimizer): trains LoRA adapters into ``out_dir``."""
+
+    restarts_prompts = False  # it trains on traces of the current program, prompts included
+
     def __init__(
         self,
         metric: Metric,

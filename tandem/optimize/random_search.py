@@ -29,6 +29,7 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from tandem.evaluate.evaluate import EvalResult, Metric, evaluate
 from tandem.lm.base import Usage
@@ -41,6 +42,11 @@ log = logging.getLogger(__name__)
 
 
 class RandomSearch:
+    """The prompt step (tandem.optimize.base.Optimizer): picks demos for every predictor."""
+
+    #: A prompt optimizer: BetterTogether hands it the original prompts on the current weights.
+    restarts_prompts = True
+
     def __init__(
         self,
         metric: Metric,
@@ -78,8 +84,9 @@ class RandomSearch:
 
     def compile(
         self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
-        progress: Progress | None = None,
+        progress: Progress | None = None, out_dir: str | Path | None = None,
     ) -> CompileResult:
+        """The best candidate on ``valset``; ``out_dir`` is accepted for the protocol (nothing is written)."""
         check_dataset("trainset", trainset)
         check_dataset("valset", valset)
         start = time.perf_counter()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 
 from tandem.lm.base import Prompt
-from tandem.program.signature import Field, Signature
+from tandem.program.signature import Field, Signature, parse_value
 
 
 class ParseError(ValueError):
@@ -152,9 +152,11 @@ def resolve_values(sig: Signature, values: dict[int, list[str]], text: str) -> d
 
     Shared by every prompt format: a single-line field keeps its first
     non-empty line; the first non-empty occurrence wins (repeats are the
-    model rambling on); a field with choices takes the first occurrence that
-    names one. Raises ParseError for a missing or empty field or a value
-    outside the choices.
+    model rambling on); a field with choices or a type other than ``str``
+    takes the first occurrence that names a choice and parses, then is
+    converted to its type (``int``, ``float``, ``bool``). Raises ParseError
+    for a missing or empty field, a value outside the choices, or one that
+    is not of the field's type.
     """
     outs = sig.output_fields
     values = {i: [_first_line(v) if not outs[i].multiline else v for v in vs] for i, vs in values.items()}
@@ -163,20 +165,28 @@ def resolve_values(sig: Signature, values: dict[int, list[str]], text: str) -> d
         raise ParseError(f"{sig.name}: reply has no {', '.join(missing)} field", text, missing)
     result = {}
     for i, f in enumerate(outs):
-        result[f.name] = next((v for v in values[i] if v), "")
-        if f.choices:  # a later occurrence may be the valid one (the label was asked for again)
-            result[f.name] = next((v for v in values[i] if match_choice(f, v)), result[f.name])
-        if not f.multiline and not result[f.name]:
+        value = next((v for v in values[i] if v), "")
+        if f.choices or f.type != "str":  # a later occurrence may be the valid one (the label was asked for again)
+            value = next((v for v in values[i] if _typed_value(f, v) is not None), value)
+        if not f.multiline and not value:
             raise ParseError(f"{sig.name}: field {f.name} is empty", text, [f.name])
-        if f.choices:
-            choice = match_choice(f, result[f.name])
-            if choice is None:
-                raise ParseError(
-                    f"{sig.name}: field {f.name} is {result[f.name][:40]!r}, not one of {list(f.choices)}",
-                    text, [f.name],
-                )
-            result[f.name] = choice
+        if f.choices and match_choice(f, value) is None:
+            raise ParseError(f"{sig.name}: field {f.name} is {value[:40]!r}, not one of {list(f.choices)}",
+                             text, [f.name])
+        typed = _typed_value(f, value)
+        if typed is None:
+            raise ParseError(f"{sig.name}: field {f.name} is {value[:40]!r}, not of type {f.type}", text, [f.name])
+        result[f.name] = typed
     return result
+
+
+def _typed_value(f: Field, value: str) -> object | None:
+    """``value`` as field ``f`` holds it: its choice, converted to its type; None if it is neither."""
+    if f.choices:
+        value = match_choice(f, value)
+        if value is None:
+            return None
+    return parse_value(f.type, value)
 
 
 def _first_line(value: str) -> str:
