@@ -1,7 +1,10 @@
 """The ``tandem`` command.
 
     tandem eval iris --model smollm2-135m --split dev
+    tandem eval --program runs/iris-pwp-s0 --split test --json records.json
     tandem optimize iris --strategy "p -> w -> p"
+    tandem optimize examples/wine_task.py --set sizes=30,20,30
+    tandem compare runs/iris-p-s0 runs/iris-pwp-s0
     tandem experiment examples/iris_table.toml
     tandem report runs/exp-iris
     tandem serve runs/iris-pwp-s0 --port 8000
@@ -72,26 +75,35 @@ def _quiet_engines() -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    """A task's program, or a saved one (``--program``), on a split or data file (``tandem.compare``)."""
+    from tandem.compare import eval_config, eval_examples, model_label, program_to_eval
     from tandem.evaluate import evaluate
-    from tandem.lm.registry import get_lm
-    from tandem.tasks.registry import get_task
+    from tandem.program.persist import resolve_program_dir
 
-    task = get_task(args.task)
-    splits = task.load(data=args.data, seed=args.seed)
-    data = splits[args.split][: args.limit] if args.limit is not None else splits[args.split]
-    lm = get_lm(args.model, **({"cache": False} if args.no_cache else {}))
-    program = task.make_program(splits).set_lm(lm)
-    console.print(f"[bold]{escape(task.name)}[/] {args.split} split: {len(data)} examples, model {escape(args.model)}")
+    if args.program and args.model:
+        raise ValueError("--model with --program: a saved program runs on the model(s) its program.json names; "
+                         "leave out --model")
+    dirs = [resolve_program_dir(args.program)] if args.program else []
+    cfg = eval_config(dirs, config=args.config, overrides=args.set, task=args.task, data=args.data,
+                      seed=args.seed, model=args.model)
+    task, data, loaded = eval_examples(cfg, args.split, args.limit)
+    program = program_to_eval(cfg, task, loaded, dirs[0] if dirs else None, no_cache=args.no_cache)
+    model, lms = model_label(program), program.lms()
+    what = f"program {dirs[0]}" if dirs else "its program"
+    console.print(f"[bold]{escape(task.name)}[/] {args.split} split: {len(data)} examples, {escape(what)}, "
+                  f"model {escape(model)}")
     t0 = time.perf_counter()
-    with console.status("loading the model"):
-        lm.start()
-    console.print(f"model ready in {time.perf_counter() - t0:.1f} s")
     try:
+        with console.status("loading the model"):
+            for lm in lms:
+                lm.start()
+        console.print(f"model ready in {time.perf_counter() - t0:.1f} s")
         with progress_bar("evaluating") as update:
             result = evaluate(program, data, task.metric, num_threads=args.threads, progress=update)
     finally:
-        lm.close()
-    table = Table(title=f"{task.name} / {args.split} / {args.model}")
+        for lm in lms:
+            lm.close()
+    table = Table(title=f"{task.name} / {args.split} / {model}")
     for col in ("score %", "correct", "n", "failed", "wall s", "LM calls", "cached", "prompt tok", "output tok"):
         table.add_column(col, justify="right")
     u = result.usage
@@ -242,6 +254,27 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Two saved programs on the same examples: scores, fixed/broken, paired test (``tandem.compare``)."""
+    from tandem.compare import compare_saved, summary_lines
+
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TimeElapsedColumn(), console=console) as bar:
+        c = compare_saved(args.a, args.b, task=args.task, split=args.split, data=args.data, seed=args.seed,
+                          config=args.config, overrides=args.set, limit=args.limit,
+                          lm_options={"cache": False} if args.no_cache else None, threads=args.threads,
+                          progress=StepProgress(bar, "evaluating "))
+    for line in c.notes:
+        note(line)
+    for line in summary_lines(c):
+        Console(soft_wrap=True).print(escape(line))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(c.to_dict(), fh, indent=1, default=str)
+        console.print(f"comparison written to {escape(args.json)}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from tandem.experiments.report import write_report
 
@@ -266,23 +299,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+SPLIT_CHOICES = ("train", "dev", "test", "all")
+DATA_HELP = ("data file or folder, relative to the current directory (default: iris bundled; "
+             "gsm8k/hotpotqa: ../shared/data/<task>; a task file's own)")
+
+
+def data_options(p: argparse.ArgumentParser, split: str, json_help: str) -> None:
+    """The options of eval and compare that choose the examples, and how they run."""
+    p.add_argument("--split", default=split, choices=SPLIT_CHOICES, help=f"default {split}; all: every example")
+    p.add_argument("--seed", type=int, default=None, help="seed of the data split (default: the run's, else 0)")
+    p.add_argument("--data", default=None, help=DATA_HELP)
+    p.add_argument("--config", default=None, help="TOML config file: its task, data, sizes (and model, format)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a setting, e.g. --set sizes=60,50,60 or --set data=my.csv")
+    p.add_argument("--limit", type=positive_int, default=None, help="only the first N examples (N >= 1)")
+    p.add_argument("--threads", type=positive_int, default=64, help="examples run concurrently")
+    p.add_argument("--no-cache", action="store_true", help="don't read or write the call cache")
+    p.add_argument("--json", default=None, help=json_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n\n")[0])
     p.add_argument("-v", "--verbose", action="store_true", help="log progress of the library and engines")
     sub = p.add_subparsers(dest="command", required=True)
 
-    e = sub.add_parser("eval", help="evaluate a task's program on a split")
-    e.add_argument("task", help="task name, e.g. iris")
-    e.add_argument("--model", default="smollm2-135m", help="[backend:]model, e.g. smollm2-135m, hf:smollm2-135m, /path/to/checkpoint")
-    e.add_argument("--split", default="dev", choices=("train", "dev", "test"))
-    e.add_argument("--seed", type=int, default=0, help="seed of the data split")
-    e.add_argument("--data", default=None,
-                   help="data file or folder (default: iris bundled; gsm8k/hotpotqa: ../shared/data/<task>)")
-    e.add_argument("--limit", type=positive_int, default=None, help="only the first N examples (N >= 1)")
-    e.add_argument("--threads", type=positive_int, default=64, help="examples run concurrently")
-    e.add_argument("--no-cache", action="store_true", help="don't read or write the call cache")
-    e.add_argument("--json", default=None, help="write per-example records to this file")
+    e = sub.add_parser("eval", help="evaluate a task's program, or a saved one, on a split or a data file")
+    e.add_argument("task", nargs="?", default=None,
+                   help="task name (e.g. iris) or task .py file; default: --config's, or the --program run's")
+    e.add_argument("--program", default=None, metavar="DIR",
+                   help="a saved program folder (program.json) or a run directory (its final program)")
+    e.add_argument("--model", default=None, help="[backend:]model, e.g. smollm2-135m (default), hf:smollm2-135m, /path/to/checkpoint")
+    data_options(e, "dev", "write per-example records to this file")
     e.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("compare", help="two saved programs on the same examples: scores, fixed/broken, paired test")
+    c.add_argument("a", metavar="A", help="a saved program folder or run directory")
+    c.add_argument("b", metavar="B", help="another one")
+    c.add_argument("task", nargs="?", default=None,
+                   help="task name or .py file (default: the one A's run recorded, else B's)")
+    data_options(c, "test", "write the comparison, with per-example records, to this file")
+    c.set_defaults(func=cmd_compare)
 
     o = sub.add_parser("optimize", help="optimize a program's prompts and weights (BetterTogether)")
     o.add_argument("task", nargs="?", default=None, help="task name or task .py file (or set it in --config)")
@@ -291,8 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--model", default=None, help="[backend:]model (default smollm2-135m)")
     o.add_argument("--seed", type=int, default=None)
     o.add_argument("--run-dir", default=None, help="default runs/<task>-<strategy>-s<seed>")
-    o.add_argument("--data", default=None,
-                   help="data file or folder (default: iris bundled; gsm8k/hotpotqa: ../shared/data/<task>)")
+    o.add_argument("--data", default=None, help=DATA_HELP)
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last finished step")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config setting, e.g. --set lora.epochs=3 --set sizes=50,50,50")

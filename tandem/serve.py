@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from tandem.lm.base import ContextLengthError, LMError
 from tandem.program.module import Module
-from tandem.program.persist import ProgramFileError, lm_reference, load_program, read_program_file
+from tandem.program.persist import lm_reference, load_program, read_program_file, resolve_program_dir
 from tandem.program.render import ParseError
 from tandem.program.trace import trace
 
@@ -399,21 +399,6 @@ def _public_ref(ref: dict | None) -> dict | None:
 
 
 # -- loading and running ----------------------------------------------------------------------
-def resolve_program_dir(path: str | os.PathLike) -> Path:
-    """A program directory (program.json), a run directory (its final/), or a program.json file."""
-    p = Path(path)
-    if p.is_file() and p.name == "program.json":
-        return p.parent
-    if (p / "program.json").is_file():
-        return p
-    if (p / "final" / "program.json").is_file():
-        return p / "final"
-    if not p.exists():
-        raise FileNotFoundError(f"{p}: no such file or directory")
-    hint = " (a run that has not finished has no final/ yet)" if (p / "plan.json").exists() else ""
-    raise ProgramFileError(f"{p} holds neither program.json nor final/program.json{hint}")
-
-
 def _import_user_task(program_dir: Path) -> None:
     """A run of a task file (``task = "my_task.py"``) saved a class of that file: import it first."""
     import json

@@ -12,27 +12,51 @@ a strategy, a seed, split sizes and training settings::
     [lora]
     learning_rate = 3e-4
 
-A user's own task is a Python file with ``program()`` (returns the program),
-``metric(example, prediction, trace=None)`` and ``load(data, seed)``
-(returns ``{"train": [...], "dev": [...], "test": [...]}`` of Examples);
-with ``PROGRAM_TAKES_DATA = True`` the file's ``program(data)`` receives
-what ``load`` returned (to build a retriever from it, say)::
+Paths: a path in a config file (``task = "my_task.py"``, ``data = ...``) is
+relative to the config file's folder; one on the command line (``--data``,
+``--set data=...``, a task file argument) to the current directory. Both
+become absolute paths here, so run directories record where they are.
 
-    task = "my_task.py"
-    data = "my_data.jsonl"
+The task file contract (worked example: ``examples/wine_task.py``). A task
+file is a Python file that defines:
+
+- ``program()``: a fresh ``tandem.Module``; with ``PROGRAM_TAKES_DATA = True``
+  it is called as ``program(loaded)`` with what ``load`` returned (to build
+  a retriever from it, say);
+- ``metric(example, prediction, trace=None)``: a number or bool, higher is
+  better (``trace`` is None in evaluation, the trace while bootstrapping);
+- ``load(data, seed, sizes)``: ``{"train": [...], "dev": [...], "test": [...]}``
+  of ``tandem.Example`` (each with its input fields set by ``with_inputs``).
+  ``data`` is the ``--data`` / ``data =`` path (None: the file's own
+  default source), ``seed`` the split seed, ``sizes`` the ``(train, dev,
+  test)`` that were set (``--set sizes=60,50,60``, ``sizes = [...]``), or
+  None for the file's defaults. A ``load(data, seed)`` without ``sizes`` works
+  until sizes are set; then it is an error.
+
+Optional: ``read(data)`` (every example of one data file, unsplit: ``tandem
+eval --split all``), ``SIZES`` (the default train/dev/test sizes, for
+reports; default 50, 50, 50), ``PROMPT_SIZES`` (the prompt step's
+bootstrap/selection sizes). A task file without one of the three functions,
+one that does not import, a ``load`` that raises or returns something else:
+a one-line error naming the file. A program saved from a task file records
+the file's absolute path in program.json, so ``tandem.load`` imports it
+again from any directory (it must stay where it was)::
+
+    task = "wine_task.py"      # next to this config file
+    data = "wine.csv"          # optional: a CSV in the file's format
+    sizes = [60, 50, 60]
 """
 
 from __future__ import annotations
 
-import importlib.util
-import sys
+import os
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS
-from tandem.tasks.registry import Task, get_task
+from tandem.tasks.registry import Task, get_task, task_from_file
 from tandem.train import LoRAConfig
 
 
@@ -167,18 +191,37 @@ def read_toml(path: Path, what: str) -> dict[str, Any]:
         raise ValueError(f"{path}: not valid TOML: {exc}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, **kwargs: Any) -> RunConfig:
-    """Defaults, then the TOML file, then ``key=value`` overrides, then keyword arguments.
+def resolve_path(value: str, base: str | os.PathLike | None = None) -> str:
+    """A path setting made absolute: relative to ``base`` (a config file's folder), else to the current directory."""
+    p = Path(value).expanduser()
+    return os.path.abspath(p if p.is_absolute() else Path(base or ".") / p)
 
-    The result is checked (``RunConfig.check``): a bad setting is a one-line ValueError here.
+
+def resolve_paths(values: dict[str, Any], base: str | os.PathLike | None = None) -> dict[str, Any]:
+    """``values`` with a task file (``task`` ending in .py) and ``data`` made absolute (``resolve_path``)."""
+    task, data = values.get("task"), values.get("data")
+    if isinstance(task, str) and task.endswith(".py"):
+        values["task"] = resolve_path(task, base)
+    if isinstance(data, str) and data:
+        values["data"] = resolve_path(data, base)
+    return values
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
+                defaults: dict[str, Any] | None = None, **kwargs: Any) -> RunConfig:
+    """``defaults``, then the TOML file, then ``key=value`` overrides, then keyword arguments.
+
+    Paths (``resolve_paths``): the file's against its folder; the overrides'
+    and keyword arguments' against the current directory; ``defaults`` are
+    taken as they are. The result is checked (``RunConfig.check``): a bad
+    setting is a one-line ValueError here.
     """
-    values: dict[str, Any] = {}
-    base = Path(".")
+    values: dict[str, Any] = dict(defaults or {})
     if path is not None:
         path = Path(path)
-        values = read_toml(path, "config file")
-        base = path.parent
+        values.update(resolve_paths(read_toml(path, "config file"), path.parent))
     known = {f.name for f in fields(RunConfig)}
+    given: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep:
@@ -188,20 +231,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         elif key.startswith("weight_step."):
             values.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
         else:
-            values[key] = _coerce(key, raw)
-    values.update({k: v for k, v in kwargs.items() if v is not None})
+            given[key] = _coerce(key, raw)
+    given.update({k: v for k, v in kwargs.items() if v is not None})
+    values.update(resolve_paths(given))
     unknown = set(values) - known
     if unknown:
         raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
     if isinstance(values.get("sizes"), list):
         values["sizes"] = tuple(values["sizes"])
-    cfg = RunConfig(**values).check()
-    # Paths in a config file are relative to the file.
-    for attr in ("task", "data"):
-        v = getattr(cfg, attr)
-        if v and (v.endswith(".py") or attr == "data") and not Path(v).is_absolute() and path is not None:
-            setattr(cfg, attr, str(base / v))
-    return cfg
+    return RunConfig(**values).check()
 
 
 def check_format(name: Any) -> None:
@@ -229,20 +267,7 @@ def _number(raw: str) -> Any:
 
 
 def resolve_task(cfg: RunConfig) -> Task:
+    """The task ``cfg`` names: a built-in one, or a task file (``task_from_file``: errors name the file)."""
     if not cfg.task.endswith(".py"):
         return get_task(cfg.task)
-    path = Path(cfg.task)
-    if not path.exists():
-        raise ValueError(f"task file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"tandem_user_task_{path.stem}", path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # so saved programs can name the class
-    spec.loader.exec_module(mod)
-    missing = [n for n in ("program", "metric", "load") if not hasattr(mod, n)]
-    if missing:
-        raise ValueError(f"task file {path} must define {', '.join(missing)} (see tandem.experiments.config)")
-    sizes = getattr(mod, "SIZES", (50, 50, 50))
-    prompt_sizes = getattr(mod, "PROMPT_SIZES", None)
-    return Task(path.stem, lambda data=None, seed=0, sizes=None: mod.load(data, seed), mod.program, mod.metric,
-                tuple(sizes), prompt_sizes, program_takes_data=bool(getattr(mod, "PROGRAM_TAKES_DATA", False)))
+    return task_from_file(cfg.task)

@@ -41,7 +41,9 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from tandem.experiments.config import RunConfig, _coerce, _number, check_format, read_toml, setting_value
+from tandem.experiments.config import (
+    RunConfig, _coerce, _number, check_format, read_toml, resolve_path, setting_value,
+)
 from tandem.experiments.paper import normalize_strategy
 from tandem.experiments.run import (
     RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
@@ -68,8 +70,13 @@ class Experiment:
     per_task: dict[str, dict] = field(default_factory=dict)  # task -> settings that win over `settings`
     source: str | None = None  # the TOML file
 
+    def task_settings(self, task: str) -> dict:
+        """The ``[per_task]`` settings of ``task``: its section by name (a task file's stem), then by path."""
+        stem = Path(task).stem if task.endswith(".py") else task
+        return _merge(self.per_task.get(stem, {}) if stem != task else {}, self.per_task.get(task, {}))
+
     def config(self, task: str, model: str, strategy: str, seed: int, data_seed: int | None = None) -> RunConfig:
-        values = _merge(self.settings, self.per_task.get(task, {}))
+        values = _merge(self.settings, self.task_settings(task))
         if data_seed is not None:
             values["data_seed"] = data_seed
         return RunConfig(task=task, model=model, strategy=strategy, seed=seed, **values)
@@ -199,14 +206,13 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     override) is ``data_seeds = [n]``: one split for every run.
     """
     doc: dict[str, Any] = {}
-    base = Path(".")
     if path is not None:
         path = Path(path)
-        doc = read_toml(path, "experiment file")
-        base = path.parent
-    doc.update(values)
+        doc = _resolve_file_paths(read_toml(path, "experiment file"), path.parent)
+    doc.update(_resolve_file_paths(dict(values), None))
     per_task = {k: dict(v) for k, v in (doc.pop("per_task", None) or {}).items()}
     grid = {k: doc.pop(k) for k in GRID_KEYS if k in doc}
+    listed = list(grid.get("tasks") or []) if isinstance(grid.get("tasks"), list) else []  # before --set tasks=
     settings = dict(doc)
     if "data_seed" in settings:  # one split: the same as data_seeds = [n]
         if "data_seeds" in grid:
@@ -222,7 +228,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
             elif key in ("seeds", "data_seeds"):
                 grid[key] = _int_list(key, _list(raw), text=True)
             else:
-                grid[key] = _list(raw)
+                grid[key] = [_task_path(t, None) for t in _list(raw)] if key == "tasks" else _list(raw)
             continue
         if key == "data_seed":  # wins over the file's data_seeds and any [per_task] data_seed
             grid["data_seeds"] = _int_list("data_seeds", [raw], text=True)
@@ -242,7 +248,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
             elif key.startswith("weight_step."):
                 target.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
             elif target is settings or key in target:
-                target[key] = _coerce(key, raw)
+                target[key] = resolve_path(raw) if key == "data" and raw else _coerce(key, raw)
     if "tasks" not in grid:
         raise ValueError("an experiment needs `tasks = [...]` (e.g. tasks = [\"iris\"])")
     for key in ("tasks", "models", "strategies"):
@@ -254,20 +260,15 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     _check_settings(settings, str(path or "experiment"))
     for task, values_ in per_task.items():
         _check_settings(values_, f"[per_task.{task}]")
-        # A section for a task left out (e.g. by --set tasks=...) is unused; one
-        # that names no built-in task and no task in the list is a typo.
-        if task not in grid["tasks"] and task not in _builtin_tasks():
+        # A section for a task left out (e.g. by --set tasks=...) is unused; one that names no
+        # built-in task and no task in the file's or the final list (by path or stem) is a typo.
+        named = {*grid["tasks"], *listed}
+        named |= {Path(t).stem for t in named if isinstance(t, str) and t.endswith(".py")}
+        if task not in named and task not in _builtin_tasks():
             raise ValueError(f"[per_task.{task}]: {task!r} is not in tasks {grid['tasks']}")
         if "data_seed" in values_ and "data_seeds" in grid:
             raise ValueError(f"[per_task.{task}]: data_seed conflicts with the experiment's data_seeds "
                              f"{grid['data_seeds']}; set the splits once, in data_seeds")
-    # Paths in the file are relative to the file, as in `tandem optimize --config`.
-    if path is not None:
-        for values_ in (settings, *per_task.values()):
-            if values_.get("data") and not Path(values_["data"]).is_absolute():
-                values_["data"] = str(base / values_["data"])
-        grid["tasks"] = [str(base / t) if t.endswith(".py") and not Path(t).is_absolute() else t
-                         for t in grid["tasks"]]
     exp = Experiment(settings=settings, per_task=per_task, source=str(path) if path else None,
                      **{k: v for k, v in grid.items() if k != "out"})
     exp.out = Path(grid.get("out", "runs/experiment"))
@@ -278,6 +279,25 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
             parse_strategy(s, {"p", "w"})
     exp.cells()  # settings errors now, not after the first model has loaded
     return exp
+
+
+def _task_path(task: Any, base: Path | None) -> Any:
+    """A task file's path made absolute (``resolve_path``); a built-in task's name as it is."""
+    return resolve_path(task, base) if isinstance(task, str) and task.endswith(".py") else task
+
+
+def _resolve_file_paths(doc: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """Task files, ``data`` (top level and per task) and task-file ``[per_task]`` keys made absolute against
+    ``base`` (the experiment file's folder; None: the current directory), as in ``tandem optimize --config``."""
+    if isinstance(doc.get("tasks"), list):
+        doc["tasks"] = [_task_path(t, base) for t in doc["tasks"]]
+    sections = doc.get("per_task")
+    if isinstance(sections, dict):
+        doc["per_task"] = {_task_path(k, base): v for k, v in sections.items()}
+    for values in (doc, *(v for v in (doc.get("per_task") or {}).values() if isinstance(v, dict))):
+        if isinstance(values.get("data"), str) and values["data"]:
+            values["data"] = resolve_path(values["data"], base)
+    return doc
 
 
 # -- running ------------------------------------------------------------------------------

@@ -74,7 +74,7 @@ def read_json(path: Path, default: Any = None) -> Any:
 def load_data(cfg: RunConfig, task: Task | None = None, cache: dict | None = None):
     """``(task, data)``: the task and what its loader returned for ``cfg`` (reused from ``cache``)."""
     task = task or resolve_task(cfg)
-    key = ("data", task.name, cfg.data, cfg.split_seed(), cfg.sizes)
+    key = ("data", cfg.task, cfg.data, cfg.split_seed(), cfg.sizes)  # cfg.task: a task file's whole path
     if cache is not None and key in cache:
         return task, cache[key]
     data = task.load(data=cfg.data, seed=cfg.split_seed(), **({"sizes": cfg.sizes} if cfg.sizes else {}))
@@ -170,7 +170,7 @@ def run_cell(
 
     def baseline() -> tuple[list[dict], float, dict]:
         """The unoptimized program on test: from this run dir, from ``shared``, or evaluated now."""
-        key = ["baseline", task.name, cfg.data, cfg.split_seed(), sizes, _fingerprint(lm)]
+        key = ["baseline", cfg.task, cfg.data, cfg.split_seed(), sizes, _fingerprint(lm)]
         saved = read_json(run_dir / BASELINE_RECORDS)
         if saved is not None and saved.get("key") != json.loads(json.dumps(key, default=str)):
             saved = None  # from another split or model: evaluate again

@@ -6,10 +6,16 @@
 ``program.json`` holds the program's class (``module:QualName``), each
 predictor's instructions, demos and sampling settings, and each predictor's
 model reference (backend, model, adapter folder relative to the save
-directory), plus the seed and package versions that made it. No pickle:
-everything is plain JSON and PEFT folders. A program whose constructor needs
-arguments (a retriever, say) is rebuilt by the caller and passed in:
-``load_program(dir, program=MultiHopQA(retriever))``.
+directory), plus the seed and package versions that made it. A program whose class is
+defined in a task file (``tandem.experiments.config``) also records the
+file's absolute path (``program_file``): loading imports that file again, so
+the program loads from any directory while the file stays where it was. No
+pickle: everything is plain JSON and PEFT folders. A program whose
+constructor needs arguments (a retriever, say) is rebuilt by the caller and
+passed in: ``load_program(dir, program=MultiHopQA(retriever))``.
+
+``resolve_program_dir`` finds the program of a saved program folder, a run
+directory (its ``final/``) or a program.json path.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import importlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -69,10 +76,12 @@ def save_program(program: Module, directory: str | os.PathLike, *, seed: int | N
         state["lm"] = ref
         predictors[name] = state
     cls = type(program)
+    task_file = getattr(sys.modules.get(cls.__module__), "__tandem_task_file__", None)  # see import_task_module
     doc = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "program": f"{cls.__module__}:{cls.__qualname__}",
+        **({"program_file": task_file} if task_file else {}),
         "predictors": predictors,
         "seed": seed,
         "versions": _versions(),
@@ -107,12 +116,16 @@ def read_program_file(directory: str | os.PathLike) -> dict:
 def check_program_doc(doc: dict, path: str | os.PathLike) -> None:
     """Check the structure of a program.json document; a ProgramFileError names the file, predictor and field.
 
-    The program class is a ``module:QualName`` string; ``predictors`` maps each
+    The program class is a ``module:QualName`` string (``program_file``, when
+    present, the task file that defines it); ``predictors`` maps each
     predictor's name to its state (``_check_predictor``).
     """
     if not isinstance(doc.get("program"), str) or ":" not in doc["program"]:
         raise ProgramFileError(f"{path}: `program` must be a class path 'module:QualName', "
                                f"got {_kind(doc.get('program', _MISSING))}")
+    if "program_file" in doc and not (isinstance(doc["program_file"], str) and doc["program_file"]):
+        raise ProgramFileError(f"{path}: `program_file` must be the path of the task file that defines the "
+                               f"program's class, got {_kind(doc['program_file'])}")
     preds = doc.get("predictors", _MISSING)
     if not isinstance(preds, dict):
         raise ProgramFileError(f"{path}: `predictors` must be an object (predictor name -> state), got {_kind(preds)}")
@@ -201,6 +214,8 @@ def load_program(directory: str | os.PathLike, *, program: Module | None = None,
     directory = Path(directory)
     doc = read_program_file(directory)
     if program is None:
+        if doc.get("program_file"):
+            _import_program_file(doc["program"], doc["program_file"], directory / "program.json")
         program = _instantiate(doc["program"])
     else:
         program = program.deepcopy()
@@ -214,6 +229,39 @@ def load_program(directory: str | os.PathLike, *, program: Module | None = None,
             continue
         preds[name].lm = _build_lm(ref, directory, built, lm_options or {})
     return program
+
+
+def _import_program_file(path: str, task_file: str, where: Path) -> None:
+    """Make module ``path``'s module name the task file ``task_file`` (imported now unless it already is)."""
+    from tandem.tasks.registry import TASK_FILE_ATTR, TaskFileError, import_task_module
+
+    mod_name, _, qual = path.partition(":")
+    if getattr(sys.modules.get(mod_name), TASK_FILE_ATTR, None) == task_file:
+        return
+    if not Path(task_file).is_file():
+        raise ProgramFileError(
+            f"{where}: the program's class {qual} is defined in task file {task_file}, which does not exist "
+            "(moved or deleted); put it back there, or build the program yourself and pass it: "
+            "load_program(dir, program=MyProgram())")
+    try:
+        import_task_module(task_file, mod_name)
+    except TaskFileError as exc:
+        raise ProgramFileError(f"{where}: {exc}") from None
+
+
+def resolve_program_dir(path: str | os.PathLike) -> Path:
+    """A program directory (program.json), a run directory (its final/), or a program.json file."""
+    p = Path(path)
+    if p.is_file() and p.name == "program.json":
+        return p.parent
+    if (p / "program.json").is_file():
+        return p
+    if (p / "final" / "program.json").is_file():
+        return p / "final"
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory")
+    hint = " (a run that has not finished has no final/ yet)" if (p / "plan.json").exists() else ""
+    raise ProgramFileError(f"{p} holds neither program.json nor final/program.json{hint}")
 
 
 def _instantiate(path: str) -> Module:

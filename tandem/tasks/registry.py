@@ -10,15 +10,29 @@ program factory and a metric. Users add their own through config files
 
 Some programs need the loaded data (HotPotQA's retriever indexes the
 loaded questions' paragraphs): such a task sets ``program_takes_data`` and
-its ``program`` factory receives the object ``load`` returned.
+its ``program`` factory receives the object ``load`` returned. A task with a
+``read`` reads every example of one data file, unsplit (``tandem eval
+--split all``).
+
+A task file (the contract is in ``tandem.experiments.config``) becomes a
+Task through ``task_from_file``; ``import_task_module`` imports it under a
+name unique to its path and records the path on the module
+(``__tandem_task_file__``), which ``save_program`` writes to program.json so
+that ``load_program`` can import the file again from any directory.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import inspect
 import os
+import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from types import ModuleType
+from typing import Any, Callable
 
 from tandem.program import Example, Module
 from tandem.tasks.errors import DataError
@@ -36,6 +50,7 @@ class Task:
     notes: str = ""
     extra: dict = field(default_factory=dict)
     program_takes_data: bool = False  # program(data): it needs what load returned (a retriever's corpus)
+    read: Callable[..., list[Example]] | None = None  # (data=None) -> every example of the data, unsplit
 
     def make_program(self, data=None) -> Module:
         """A fresh program; ``data`` is what ``load`` returned (needed when ``program_takes_data``)."""
@@ -94,7 +109,7 @@ def _iris() -> Task:
     def load(data=None, seed=0, sizes=None):
         return split_iris(load_iris(data), seed=seed, sizes=_sizes(sizes, (50, 50, 50)))
 
-    return Task("iris", load, IrisClassifier, iris_metric, (50, 50, 50), (15, 35))
+    return Task("iris", load, IrisClassifier, iris_metric, (50, 50, 50), (15, 35), read=load_iris)
 
 
 # GSM8K: the paper's 1000 / 500 / 1319; the local copy is the official train file only,
@@ -103,14 +118,17 @@ GSM8K_SIZES = (1000, 500, 1319)
 
 
 def _gsm8k() -> Task:
-    from tandem.tasks.gsm8k import GSM8KSolver, gsm8k_metric, load_gsm8k
+    from tandem.tasks.gsm8k import GSM8KSolver, _resolve, gsm8k_metric, load_gsm8k, read_gsm8k
 
     def load(data=None, seed=0, sizes=None):
         train, dev, test = _sizes(sizes, GSM8K_SIZES)
         return load_gsm8k(default_data("gsm8k", data), train=train, dev=dev, test=test, seed=seed)
 
+    def read(data=None):
+        return read_gsm8k(_resolve(default_data("gsm8k", data), "train.jsonl"))
+
     return Task("gsm8k", load, GSM8KSolver, gsm8k_metric, GSM8K_SIZES, (100, 250),
-                notes="test is cut from the train file (the official test split is not local)")
+                notes="test is cut from the train file (the official test split is not local)", read=read)
 
 
 # HotPotQA: the paper's 1000 / 500 / 1500 does not fit the 600 + 300 local questions:
@@ -149,3 +167,140 @@ def get_task(name: str) -> Task:
 
 def task_names() -> list[str]:
     return sorted(_FACTORIES)
+
+
+# -- task files ---------------------------------------------------------------------------------
+TASK_MODULE_PREFIX = "tandem_user_task_"
+TASK_FILE_ATTR = "__tandem_task_file__"  # the absolute path a task module was imported from
+CONTRACT = ("a task file defines program(), metric(example, prediction, trace=None) and "
+            "load(data, seed, sizes) (see tandem.experiments.config)")
+
+
+class TaskFileError(ValueError):
+    """A task file is missing, does not import, lacks a function, or its load failed; the message names it."""
+
+
+def task_module_name(path: str | os.PathLike) -> str:
+    """``tandem_user_task_<stem>_<8 hex digits of the absolute path>``: two files with one stem don't collide."""
+    path = Path(os.path.abspath(path))
+    digest = hashlib.sha1(str(path).encode()).hexdigest()[:8]
+    return f"{TASK_MODULE_PREFIX}{re.sub(r'[^0-9A-Za-z_]', '_', path.stem)}_{digest}"
+
+
+def import_task_module(path: str | os.PathLike, name: str | None = None) -> ModuleType:
+    """Import the task file at ``path`` afresh as module ``name`` (default ``task_module_name(path)``).
+
+    The module is registered in ``sys.modules`` (so its classes can be named)
+    and also as ``tandem_user_task_<stem>``, the name older program.json files
+    recorded; its absolute path is stored as ``__tandem_task_file__``. A missing
+    file or an exception while importing is a one-line TaskFileError naming the file.
+    """
+    path = Path(os.path.abspath(path))
+    if not path.is_file():
+        raise TaskFileError(f"task file {path} does not exist")
+    name = name or task_module_name(path)
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise TaskFileError(f"task file {path} is not a Python file")
+    mod = importlib.util.module_from_spec(spec)
+    setattr(mod, TASK_FILE_ATTR, str(path))
+    sys.modules[name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:  # noqa: BLE001 - reported with the file's name
+        sys.modules.pop(name, None)
+        raise TaskFileError(f"task file {path} failed to import: {type(exc).__name__}: {exc}") from None
+    sys.modules[TASK_MODULE_PREFIX + re.sub(r"[^0-9A-Za-z_]", "_", path.stem)] = mod
+    return mod
+
+
+def _takes_sizes(fn: Callable) -> bool:
+    """Whether ``fn`` accepts a third argument (``sizes``): by name, position, or ``*args``/``**kwargs``."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return True
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name == "sizes" for p in params):
+        return True
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params) >= 3
+
+
+def _check_splits(path: Path, out: Any) -> Any:
+    """``out`` (what the file's load returned) has train, dev and test lists of Examples, else a TaskFileError."""
+    for name in ("train", "dev", "test"):
+        try:
+            rows = out[name]
+        except (KeyError, TypeError, IndexError):
+            raise TaskFileError(
+                f"task file {path}: load returned {type(out).__name__} without a {name!r} split; it must return "
+                "{'train': [...], 'dev': [...], 'test': [...]} of tandem.Example") from None
+        _check_examples(path, f"load's {name!r} split", rows)
+    return out
+
+
+def _check_examples(path: Path, what: str, rows: Any) -> None:
+    if not isinstance(rows, (list, tuple)):
+        raise TaskFileError(f"task file {path}: {what} is {type(rows).__name__}, not a list of tandem.Example")
+    for i, ex in enumerate(rows):
+        if not isinstance(ex, Example) or not ex.input_keys:
+            got = type(ex).__name__ if not isinstance(ex, Example) else "an Example without inputs"
+            raise TaskFileError(f"task file {path}: {what}[{i}] is {got}; build each with "
+                                "tandem.Example(...).with_inputs(<input field names>)")
+
+
+def _sizes_text(sizes) -> str:
+    return ",".join(map(str, sizes))
+
+
+def task_from_file(path: str | os.PathLike) -> Task:
+    """The Task defined by a task file (contract: ``tandem.experiments.config``); errors name the file.
+
+    ``load(data, seed, sizes)`` gets the ``sizes`` that were set (None: the
+    file's defaults); a ``load(data, seed)`` without that parameter is an
+    error when sizes were set. What load raises, and a result that is not
+    train/dev/test lists of Examples, is a TaskFileError naming the file.
+    """
+    path = Path(os.path.abspath(path))
+    mod = import_task_module(path)
+    missing = [n for n in ("program", "metric", "load") if not callable(getattr(mod, n, None))]
+    if missing:
+        raise TaskFileError(f"task file {path} has no {' and no '.join(missing)}: {CONTRACT}")
+    takes_sizes = _takes_sizes(mod.load)
+    default_sizes = getattr(mod, "SIZES", (50, 50, 50))
+    if not (isinstance(default_sizes, (tuple, list)) and len(default_sizes) == 3
+            and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in default_sizes)):
+        raise TaskFileError(f"task file {path}: SIZES must be three positive integers train, dev, test, "
+                            f"got {default_sizes!r}")
+
+    def load(data=None, seed=0, sizes=None):
+        if sizes is not None and not takes_sizes:
+            raise TaskFileError(f"task file {path}: sizes {_sizes_text(sizes)} were set, but its load(data, seed) "
+                                "takes no sizes; define load(data, seed, sizes=None)")
+        args = (data, seed, None if sizes is None else tuple(sizes)) if takes_sizes else (data, seed)
+        try:
+            out = mod.load(*args)
+        except Exception as exc:  # noqa: BLE001 - reported with the file's name
+            shown = f"data={data!r}, seed={seed}" + (f", sizes={_sizes_text(sizes)}" if sizes else "")
+            raise TaskFileError(f"task file {path}: load({shown}) failed: {type(exc).__name__}: {exc}") from None
+        return _check_splits(path, out)
+
+    def program(*args) -> Module:
+        made = mod.program(*args)
+        if not isinstance(made, Module):
+            raise TaskFileError(f"task file {path}: program() returned {type(made).__name__}, not a tandem.Module")
+        return made
+
+    reader = getattr(mod, "read", None)
+
+    def read(data=None) -> list[Example]:
+        try:
+            rows = list(reader(data))
+        except Exception as exc:  # noqa: BLE001 - reported with the file's name
+            raise TaskFileError(f"task file {path}: read(data={data!r}) failed: {type(exc).__name__}: {exc}") from None
+        _check_examples(path, "read's result", rows)
+        return rows
+
+    return Task(path.stem, load, program, mod.metric, tuple(default_sizes), getattr(mod, "PROMPT_SIZES", None),
+                notes=f"task file {path}", extra={"file": str(path)},
+                program_takes_data=bool(getattr(mod, "PROGRAM_TAKES_DATA", False)),
+                read=read if callable(reader) else None)
