@@ -147,3 +147,34 @@ def test_the_weight_step_refuses_full_fine_tuning_with_a_clear_error():
 
     with pytest.raises(ValueError, match="method='full'"):
         BootstrapFinetune(metric, config=LoRAConfig(method="full"))
+
+
+def test_the_weight_steps_teacher_drops_labelled_demos_and_the_sft_set_is_saved(tmp_path):
+    import json
+
+    seen = []
+
+    def reply(text, params):
+        seen.append(text)
+        return " because\nY: 0"
+
+    lm = FakeLM(reply)
+    lm.model_dir = tmp_path
+    prog = Mod3().set_lm(lm)
+    pred = prog.predictors()[0]
+    pred.demos = [{"x": "1", "y": "1"},                                  # labelled: no reasoning
+                  {"x": "2", "reasoning": "two mod three", "y": "2"}]    # complete (bootstrapped)
+    step = BootstrapFinetune(metric, trainer=fake_trainer([]), attempts=1, hint_attempts=0)
+    step.compile(prog, trainset=data(6), valset=data(3, 100), out_dir=tmp_path / "a")
+    teacher_prompts = seen[:6]
+    assert all("two mod three" in t and "Not given" not in t for t in teacher_prompts)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "sft.jsonl").read_text().splitlines()]
+    assert rows and all(r["completion"].endswith("Y: 0") and "two mod three" not in r["prompt"] for r in rows)
+    assert pred.demos[0] == {"x": "1", "y": "1"}  # the incoming program is unchanged
+
+    seen.clear()
+    BootstrapFinetune(metric, trainer=fake_trainer([]), attempts=1, hint_attempts=0, teacher_demos="all").compile(
+        prog, trainset=data(6), valset=data(3, 100), out_dir=tmp_path / "b")
+    assert all("Not given" in t for t in seen[:6])
+    with pytest.raises(ValueError, match="teacher_demos must be one of"):
+        BootstrapFinetune(metric, teacher_demos="some")

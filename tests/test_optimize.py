@@ -38,7 +38,9 @@ def make_lm(tmp_path):
 
 def bt(tmp_path, strategy, calls=None, **kw):
     lm = make_lm(tmp_path)
-    w = BootstrapFinetune(metric, trainer=fake_trainer(calls if calls is not None else []))
+    # teacher_demos="all": this fake LM passes only when a prompt shows demos, and the prompt
+    # step chooses labelled ones, which the default teacher drops (test_bootstrap tests that).
+    w = BootstrapFinetune(metric, trainer=fake_trainer(calls if calls is not None else []), teacher_demos="all")
     return lm, BetterTogether(metric, strategy=strategy, weight_optimizer=w,
                               splits=SplitPlan(10, 20), **kw)
 
@@ -170,7 +172,7 @@ def test_random_search_candidates_and_deterministic_choice():
 def test_weight_step_trains_on_zero_shot_prompts_of_passing_runs(tmp_path):
     calls = []
     prog = Mod3().set_lm(make_lm(tmp_path))
-    prog.solve.demos = [{"x": "100", "y": "1"}]  # with demos everything passes
+    prog.solve.demos = [{"x": "100", "reasoning": "r", "y": "1"}]  # with demos everything passes
     w = BootstrapFinetune(metric, trainer=fake_trainer(calls))
     res = w.compile(prog, trainset=data(12, 5), valset=data(5, 30), out_dir=tmp_path / "ad")
     rec = res.history[0]

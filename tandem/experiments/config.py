@@ -55,7 +55,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS
+from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS, check_teacher_demos
 from tandem.tasks.registry import Task, get_task, task_from_file
 from tandem.train import LoRAConfig
 
@@ -112,6 +112,7 @@ class RunConfig:
             check_bootstrap_settings(opts["attempts"], opts["temperature"], opts["traces_per_example"],
                                      opts["hint_attempts"])
             check_balance(opts["balance"])
+            check_teacher_demos(opts["teacher_demos"])
         except ValueError as exc:
             raise ValueError(f"[weight_step] {exc}") from None
         return opts

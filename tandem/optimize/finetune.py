@@ -39,7 +39,31 @@ log = logging.getLogger(__name__)
 #: The weight step's bootstrap defaults (``BootstrapFinetune``, ``tandem optimize``'s
 #: ``[weight_step]``), chosen by measurement: docs/training.md, "Traces for the weight step".
 BOOTSTRAP_DEFAULTS = {"attempts": 6, "temperature": 0.7, "traces_per_example": 1, "hint_attempts": 2,
-                      "balance": "auto"}
+                      "balance": "auto", "teacher_demos": "complete"}
+#: Which of the incoming program's demos the weight step's teacher keeps: ``complete`` (those
+#: that show every output field, e.g. bootstrapped ones; labelled demos lacking the reasoning
+#: are dropped) or ``all``. docs/training.md, "The teacher's demos", has the measurement.
+TEACHER_DEMOS = ("complete", "all")
+
+
+def check_teacher_demos(value: object) -> None:
+    if value not in TEACHER_DEMOS:
+        raise ValueError(f"teacher_demos must be one of {list(TEACHER_DEMOS)}, not {value!r}")
+
+
+def teacher_program(program: Module, teacher_demos: str) -> Module:
+    """The program the weight step bootstraps with: ``program`` with only complete demos (``complete``).
+
+    A labelled demo shows a placeholder for the reasoning it lacks; the model
+    copies it, and traces whose reasoning is the placeholder teach one answer.
+    """
+    if teacher_demos == "all":
+        return program
+    teacher = program.deepcopy()
+    for pred in teacher.predictors():
+        outs = [f.name for f in pred.signature.output_fields]
+        pred.demos = [d for d in pred.demos if all(d.get(n) is not None for n in outs)]
+    return teacher
 
 
 def _base_lm(lm: LM) -> LM:
@@ -69,9 +93,11 @@ class BootstrapFinetune:
         traces_per_example: int = BOOTSTRAP_DEFAULTS["traces_per_example"],
         hint_attempts: int = BOOTSTRAP_DEFAULTS["hint_attempts"],  # runs with the gold answer as a hint
         balance: object = BOOTSTRAP_DEFAULTS["balance"],
+        teacher_demos: str = BOOTSTRAP_DEFAULTS["teacher_demos"],
     ) -> None:
         check_bootstrap_settings(attempts, temperature, traces_per_example, hint_attempts)
         check_balance(balance)
+        check_teacher_demos(teacher_demos)
         if config.method != "lora":
             raise ValueError(
                 f"[lora] method={config.method!r}: the weight step trains and serves LoRA adapters only; "
@@ -89,6 +115,7 @@ class BootstrapFinetune:
         self.traces_per_example = traces_per_example
         self.hint_attempts = hint_attempts
         self.balance = balance
+        self.teacher_demos = teacher_demos
 
     def sft_examples(self, program: Module, runs) -> dict[str, list[SFTExample]]:
         """SFT examples from passing ``runs``, grouped by the LoRA they train (an LM, or a module).
@@ -126,7 +153,7 @@ class BootstrapFinetune:
         start = time.perf_counter()
         usage = Usage()
         boot = bootstrap(
-            program, trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
+            teacher_program(program, self.teacher_demos), trainset, self.metric, num_threads=self.num_threads, attempts=self.attempts,
             temperature=self.temperature, traces_per_example=self.traces_per_example,
             hint_attempts=self.hint_attempts, seed=seed,
             progress=(lambda d, t: progress("traces", d, t)) if progress else None,
@@ -135,6 +162,7 @@ class BootstrapFinetune:
         runs, answers = balance_runs(boot.passed, trainset, self.balance)
         groups = self.sft_examples(program, runs)
         n_examples = sum(len(g) for g in groups.values())
+        _write_sft(out_dir, groups)
         rec = StepRecord(0, "w", usage=usage.to_dict(), train_examples=n_examples)
         rec.extra = {"bootstrap": {**boot.sources, "passing_traces": len(boot.passed), "runs": boot.attempts},
                      "answers": answers}
@@ -200,6 +228,18 @@ class BootstrapFinetune:
         )
         rec.extra.update(adapters=trained, variants={n: r.score for (n, _), r in zip(variants, results)})
         return CompileResult(variants[best][1], [rec], score=results[best].score)
+
+
+def _write_sft(out_dir: Path, groups: dict[str, list[SFTExample]]) -> None:
+    """The training set as ``sft.jsonl`` in the step's folder (prompt, completion, module), to read later."""
+    import json
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "sft.jsonl", "w") as fh:
+        for key, examples in sorted(groups.items()):
+            for ex in examples:
+                fh.write(json.dumps({"group": key, "module": ex.module, "prompt": ex.prompt,
+                                     "completion": ex.completion}) + "\n")
 
 
 def _with_seed(cfg: LoRAConfig, seed: int) -> LoRAConfig:
