@@ -163,11 +163,12 @@ def test_the_weight_steps_teacher_drops_labelled_demos_and_the_sft_set_is_saved(
     prog = Mod3().set_lm(lm)
     pred = prog.predictors()[0]
     pred.demos = [{"x": "1", "y": "1"},                                  # labelled: no reasoning
+                  {"x": "77", "reasoning": "Not given for this example.", "y": "2"},  # copied placeholder
                   {"x": "2", "reasoning": "two mod three", "y": "2"}]    # complete (bootstrapped)
     step = BootstrapFinetune(metric, trainer=fake_trainer([]), attempts=1, hint_attempts=0)
     step.compile(prog, trainset=data(6), valset=data(3, 100), out_dir=tmp_path / "a")
     teacher_prompts = seen[:6]
-    assert all("two mod three" in t and "Not given" not in t for t in teacher_prompts)
+    assert all("two mod three" in t and "Not given" not in t and "X: 77" not in t for t in teacher_prompts)
     rows = [json.loads(line) for line in (tmp_path / "a" / "sft.jsonl").read_text().splitlines()]
     assert rows and all(r["completion"].endswith("Y: 0") and "two mod three" not in r["prompt"] for r in rows)
     assert pred.demos[0] == {"x": "1", "y": "1"}  # the incoming program is unchanged

@@ -30,6 +30,7 @@ from tandem.optimize.base import CompileResult, Progress, StepRecord, check_data
 from tandem.optimize.balance import balance_runs, check_balance
 from tandem.optimize.bootstrap import bootstrap, check_bootstrap_settings
 from tandem.program.example import Example
+from tandem.program.formats import PLACEHOLDERS
 from tandem.program.module import Module
 from tandem.train import LoRAConfig, NothingToTrain, SFTExample, train_lora
 
@@ -56,14 +57,25 @@ def teacher_program(program: Module, teacher_demos: str) -> Module:
 
     A labelled demo shows a placeholder for the reasoning it lacks; the model
     copies it, and traces whose reasoning is the placeholder teach one answer.
+    Demos whose value *is* the placeholder (bootstrapped from such a teacher)
+    are dropped too.
     """
     if teacher_demos == "all":
         return program
     teacher = program.deepcopy()
     for pred in teacher.predictors():
         outs = [f.name for f in pred.signature.output_fields]
-        pred.demos = [d for d in pred.demos if all(d.get(n) is not None for n in outs)]
+        pred.demos = [d for d in pred.demos if all(_written(d.get(n)) for n in outs)]
     return teacher
+
+
+def _written(value: object) -> bool:
+    """A demo's output value that a model wrote or a user gave: present and not a format's placeholder.
+
+    Bootstrapped demos of a teacher that showed labelled demos often copy the
+    placeholder as their reasoning; they are as empty as the labelled ones.
+    """
+    return value is not None and str(value).strip() not in PLACEHOLDERS
 
 
 def _base_lm(lm: LM) -> LM:

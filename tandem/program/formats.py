@@ -95,6 +95,8 @@ class JSONFormat:
 
 
 FORMATS: dict[str, PromptFormat] = {f.name: f for f in (FieldFormat(), MarkerFormat(), JSONFormat())}
+#: What the formats show for an output field a demo lacks (a labelled demo's reasoning).
+PLACEHOLDERS = frozenset({render.NOT_GIVEN, markers.NOT_SUPPLIED})
 #: The format a predictor uses unless told otherwise (docs/design.md, "Prompt formats").
 DEFAULT_FORMAT = "fields"
 
