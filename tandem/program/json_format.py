@@ -16,7 +16,7 @@ import json
 import re
 
 from tandem.lm.base import Prompt
-from tandem.program.render import NOT_GIVEN, format_fields, resolve_values
+from tandem.program.render import NOT_GIVEN, check_inputs, format_fields, resolve_values, split_hint
 from tandem.program.signature import Signature
 
 
@@ -37,12 +37,9 @@ def reply_text(sig: Signature, values: dict) -> str:
 
 def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: dict | None = None) -> Prompt:
     """System message, demos as earlier turns, then ``inputs`` (``hint`` as in the fields format)."""
-    missing = [f.name for f in sig.input_fields if f.name not in inputs]
-    if missing:
-        raise ValueError(f"{sig.name}: missing input field(s) {missing}")
-    hint = hint or {}
-    outputs = {f.name for f in sig.output_fields}
-    messages: list[tuple[str, str]] = [("system", system_message(sig, {k: v for k, v in hint.items() if k in outputs}))]
+    check_inputs(sig, inputs)
+    answers, hint_text = split_hint(sig, hint)
+    messages: list[tuple[str, str]] = [("system", system_message(sig, answers))]
     for demo in demos:
         user = format_fields(sig.input_fields, demo)
         if not user or not any(demo.get(f.name) is not None for f in sig.output_fields):
@@ -50,9 +47,7 @@ def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: dict | N
         values = {f.name: demo[f.name] if demo.get(f.name) is not None else NOT_GIVEN for f in sig.output_fields}
         messages += [("user", user), ("assistant", reply_text(sig, values))]
     user = format_fields(sig.input_fields, inputs)
-    others = [f"{k.replace('_', ' ').title()} is {v}" for k, v in hint.items() if k not in outputs]
-    if others:
-        user += "\n\nHint: the correct " + "; the correct ".join(others) + "."
+    user += hint_text
     messages.append(("user", user))
     return Prompt(tuple(messages), prefix=opener(sig.output_fields[0].name, first=True))
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import re
 
 from tandem.lm.base import Prompt
-from tandem.program.render import format_value, resolve_values
+from tandem.program.render import check_inputs, format_value, resolve_values, split_hint
 from tandem.program.signature import Field, Signature
 
 COMPLETED = "completed"
@@ -71,12 +71,9 @@ def _request_line(sig: Signature) -> str:
 
 def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: dict | None = None) -> Prompt:
     """System message, demos as earlier turns, then ``inputs`` (``hint`` as in the fields format)."""
-    missing = [f.name for f in sig.input_fields if f.name not in inputs]
-    if missing:
-        raise ValueError(f"{sig.name}: missing input field(s) {missing}")
-    hint = hint or {}
-    outputs = {f.name for f in sig.output_fields}
-    messages: list[tuple[str, str]] = [("system", system_message(sig, {k: v for k, v in hint.items() if k in outputs}))]
+    check_inputs(sig, inputs)
+    answers, hint_text = split_hint(sig, hint)
+    messages: list[tuple[str, str]] = [("system", system_message(sig, answers))]
     for demo in demos:
         shown = [f for f in sig.output_fields if demo.get(f.name) is not None]
         user = _fields(sig.input_fields, demo)
@@ -86,9 +83,7 @@ def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: dict | N
         messages.append(("user", user))
         messages.append(("assistant", reply_text(sig, values)))
     user = _fields(sig.input_fields, inputs)
-    others = [f"{k.replace('_', ' ').title()} is {v}" for k, v in hint.items() if k not in outputs]
-    if others:
-        user += "\n\nHint: the correct " + "; the correct ".join(others) + "."
+    user += hint_text
     messages.append(("user", user + "\n\n" + _request_line(sig)))
     return Prompt(tuple(messages), prefix=marker(sig.output_fields[0].name) + "\n")
 

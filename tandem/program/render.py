@@ -101,24 +101,37 @@ def build_prompt(sig: Signature, demos: list[dict], inputs: dict, hint: dict | N
     models copy that line, so the answer lands where it is parsed); the
     others are named in a ``Hint:`` line below the inputs.
     """
-    missing = [f.name for f in sig.input_fields if f.name not in inputs]
-    if missing:
-        raise ValueError(f"{sig.name}: missing input field(s) {missing}")
-    hint = hint or {}
-    outputs = {f.name for f in sig.output_fields}
-    messages: list[tuple[str, str]] = [("system", system_message(sig, {k: v for k, v in hint.items() if k in outputs}))]
+    check_inputs(sig, inputs)
+    answers, hint_text = split_hint(sig, hint)
+    messages: list[tuple[str, str]] = [("system", system_message(sig, answers))]
     for demo in demos:
         user = format_fields(sig.input_fields, demo)
         reply = format_fields(sig.output_fields, complete_demo(sig, demo))
         if user and reply:
             messages.append(("user", user))
             messages.append(("assistant", reply))
-    user = format_fields(sig.input_fields, inputs)
-    others = [f"{k.replace('_', ' ').title()} is {v}" for k, v in hint.items() if k not in outputs]
-    if others:
-        user += "\n\nHint: the correct " + "; the correct ".join(others) + "."
-    messages.append(("user", user))
+    messages.append(("user", format_fields(sig.input_fields, inputs) + hint_text))
     return Prompt(tuple(messages), prefix=sig.output_fields[0].label + ":")
+
+
+def check_inputs(sig: Signature, inputs: dict) -> None:
+    """Every input field of ``sig`` is in ``inputs``; a ValueError naming the missing ones otherwise."""
+    missing = [f.name for f in sig.input_fields if f.name not in inputs]
+    if missing:
+        raise ValueError(f"{sig.name}: missing input field(s) {missing}")
+
+
+def split_hint(sig: Signature, hint: dict | None) -> tuple[dict, str]:
+    """Gold labels for a prompt (every format): those ``sig`` writes, and a ``Hint:`` line naming the rest.
+
+    The first go into the reply's structure (small models copy it, so the
+    answer lands where it is parsed); the line ("" when none) goes below the inputs.
+    """
+    hint = hint or {}
+    outputs = {f.name for f in sig.output_fields}
+    others = [f"{k.replace('_', ' ').title()} is {v}" for k, v in hint.items() if k not in outputs]
+    line = "\n\nHint: the correct " + "; the correct ".join(others) + "." if others else ""
+    return {k: v for k, v in hint.items() if k in outputs}, line
 
 
 def _label_pattern(f: Field) -> str:
