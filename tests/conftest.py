@@ -63,3 +63,14 @@ def pytest_make_collect_report(collector):
     report = outcome.get_result()
     if _ci() and report.skipped:
         _as_failure(report)
+
+
+@pytest.fixture
+def no_lm(monkeypatch):
+    """``get_lm`` fails the test: checks and errors must come before any model is built."""
+    import tandem.lm.registry as registry
+
+    def refuse(spec, **options):
+        raise AssertionError(f"an LM was built ({spec}) before the input was checked")
+
+    monkeypatch.setattr(registry, "get_lm", refuse)

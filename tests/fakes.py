@@ -44,3 +44,11 @@ def fake_trainer(calls: list):
         return TrainResult(out, len(examples), 0, 1, 10, 20, [1.0], 0.1, 1234, False, "eager")
 
     return train
+
+
+def one_error_line(capsys) -> str:
+    """The single line of stderr, which starts with ``error:`` (the CLI's one-line errors)."""
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]

@@ -21,23 +21,7 @@ from tandem.program.persist import ProgramFileError
 from tandem.tasks.iris import IrisClassifier
 
 
-@pytest.fixture
-def no_lm(monkeypatch):
-    """``get_lm`` fails the test: the checks must come before any model is built."""
-    import tandem.lm.registry as registry
-
-    def refuse(spec, **options):
-        raise AssertionError(f"an LM was built ({spec}) before the input was checked")
-
-    monkeypatch.setattr(registry, "get_lm", refuse)
-
-
-def one_error_line(capsys) -> str:
-    """The single line of stderr, which starts with ``error:``."""
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1, lines
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
+from fakes import one_error_line  # noqa: E402  (the no_lm fixture is in conftest.py)
 
 
 # -- D3, D4: optimize settings are checked before the model loads and before the run directory --------
