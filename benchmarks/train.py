@@ -127,14 +127,14 @@ def mean_loss(model, tok, examples) -> float:
     import torch
 
     from tandem.train import tokenize_example
-    from tandem.train.lora import _collate, completion_loss
+    from tandem.train.lora import collate_batch, completion_loss
 
     total = count = 0.0
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         for b in range(0, len(examples), 8):
             rows = [tokenize_example(tok, e) for e in examples[b : b + 8]]
             n = sum(r.n_completion for r in rows)
-            total += completion_loss(model, *_collate(rows, tok.pad_token_id, "cpu")).item() * n
+            total += completion_loss(model, *collate_batch(rows, tok.pad_token_id, "cpu")).item() * n
             count += n
     return total / count
 

@@ -14,7 +14,7 @@ from tandem.train import (  # noqa: E402
     AdapterMismatch, LoRAConfig, NothingToTrain, SFTExample, check_adapter_base, load_adapter_meta,
     merge_adapter, model_identity, tokenize_example, tokenize_examples, train_lora,
 )
-from tandem.train.lora import _collate, completion_loss  # noqa: E402
+from tandem.train.lora import collate_batch, completion_loss  # noqa: E402
 
 # Many steps at a high rate: the tiny model is random, so it has a lot to learn.
 FAST = LoRAConfig(rank=8, alpha=16, epochs=30, batch_size=4, learning_rate=1e-2)
@@ -53,7 +53,7 @@ def test_completion_mask_covers_completion_and_eos(tokenizer):
     assert t.completion_mask == [False] * len(p) + [True] * (len(c) + 1)
     # The batch mask matches, and padding is never a target.
     short = tokenize_example(tokenizer, SFTExample(ex.prompt, " No."))
-    _ids, attn, target = _collate([t, short], pad_id=0, device="cpu")
+    _ids, attn, target = collate_batch([t, short], pad_id=0, device="cpu")
     assert target[0].tolist() == t.completion_mask
     assert target[1].tolist() == short.completion_mask + [False] * (len(t) - len(short))
     assert attn[1].sum().item() == len(short)
@@ -82,7 +82,7 @@ def test_completion_loss_equals_full_head_loss(tiny_model_dir, tokenizer, exampl
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
     rows = [tokenize_example(tokenizer, ex) for ex in examples[:2]]
     rows.append(tokenize_example(tokenizer, SFTExample(examples[0].prompt, " a much longer reply than the others")))
-    ids, attn, target = _collate(rows, tokenizer.pad_token_id, "cpu")
+    ids, attn, target = collate_batch(rows, tokenizer.pad_token_id, "cpu")
     labels = torch.where(target, ids, torch.full_like(ids, -100))
     with torch.no_grad():
         full = model(input_ids=ids, attention_mask=attn, labels=labels).loss

@@ -153,8 +153,8 @@ def _batches(examples: list[TokenizedExample], batch_size: int, rng: random.Rand
     return batches
 
 
-def _collate(examples: list[TokenizedExample], pad_id: int, device):
-    """Right-padded ids, attention mask, and the completion-token mask."""
+def collate_batch(examples: list[TokenizedExample], pad_id: int, device):
+    """Right-padded ids, attention mask, and the completion-token mask of a batch (one row per example)."""
     import torch
 
     width = max(len(e) for e in examples)
@@ -168,19 +168,31 @@ def _collate(examples: list[TokenizedExample], pad_id: int, device):
     return ids.to(device), attn.to(device), target.to(device)
 
 
-def completion_loss(causal_lm, ids, attn, target):
-    """Mean cross-entropy over the positions marked in ``target``.
+def target_logits(causal_lm, ids, attn, target):
+    """Logits (fp32) for every position marked in ``target``, row by row: ``(n_targets, vocab)``.
 
     Runs the transformer body on the whole sequence but the LM head only on
     the hidden states that predict a target token (position t-1 predicts t).
+    Returns the logits and the target token ids, in the same order.
     """
-    import torch.nn.functional as F
-
     hidden = causal_lm.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False).last_hidden_state
     predicts = target[:, 1:]  # hidden state at t predicts token t+1
     h = hidden[:, :-1][predicts]
-    logits = causal_lm.get_output_embeddings()(h)
-    return F.cross_entropy(logits.float(), ids[:, 1:][predicts])
+    return causal_lm.get_output_embeddings()(h).float(), ids[:, 1:][predicts]
+
+
+def completion_loss(causal_lm, ids, attn, target):
+    """Mean cross-entropy over the positions marked in ``target`` (``target_logits``)."""
+    import torch.nn.functional as F
+
+    logits, tokens = target_logits(causal_lm, ids, attn, target)
+    return F.cross_entropy(logits, tokens)
+
+
+def completion_logprobs(causal_lm, ids, attn, target):
+    """Log-probability of each token marked in ``target``, flat in row-major order (``target_logits``)."""
+    logits, tokens = target_logits(causal_lm, ids, attn, target)
+    return logits.log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
 
 def train_lora(
@@ -199,9 +211,7 @@ def train_lora(
     when ``out_dir`` holds files (unless ``overwrite``).
     """
     import torch
-    from peft import LoraConfig as PeftLoraConfig
-    from peft import get_peft_model
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not examples:
@@ -217,26 +227,10 @@ def train_lora(
         raise NothingToTrain(
             f"all {len(examples)} SFT examples are longer than max_length={config.max_length} tokens"
         )
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
 
     attention = pick_attention(config, device, AutoConfig.from_pretrained(model_dir), max(map(len, data)))
-    # With bf16 the frozen base is stored in bf16: autocast would otherwise
-    # re-cast every fp32 weight on each forward (10% of a step on CPU here).
-    # peft keeps the LoRA weights in fp32.
-    if config.method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full', not {config.method!r}")
-    full = config.method == "full"
-    base = AutoModelForCausalLM.from_pretrained(  # full fine-tuning keeps fp32 master weights
-        model_dir, dtype=torch.bfloat16 if use_bf16 and not full else torch.float32, attn_implementation=attention,
-    ).to(device)
-    torch.manual_seed(config.seed)  # LoRA's A matrices are initialised randomly
-    if full:
-        model = base
-    else:
-        model = get_peft_model(base, PeftLoraConfig(
-            r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
-            target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
-        ))
+    base, model = load_trainable(model_dir, config, device=device, bf16=use_bf16, attention=attention)
     params = [p for p in model.parameters() if p.requires_grad]
     trainable = sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -259,7 +253,7 @@ def train_lora(
     for _epoch in range(config.epochs):
         for batch in _batches(data, config.batch_size, rng):
             rows = [data[i] for i in batch]
-            ids, attn, target = _collate(rows, pad_id, device)
+            ids, attn, target = collate_batch(rows, pad_id, device)
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
                 loss = completion_loss(causal_lm, ids, attn, target)
             loss.backward()
@@ -284,14 +278,59 @@ def train_lora(
         completion_tokens=completion_tokens, total_tokens=total_tokens, losses=losses,
         wall_s=wall, trainable_params=trainable, bf16=use_bf16, attention=attention, modules=modules,
     )
-    _save(model, model_dir, out_dir, config, result)
+    training = result.to_dict()
+    training.pop("adapter_dir")
+    training["final_loss"] = result.losses[-1]
+    save_trained(model, model_dir, out_dir, config, training)
     log.info("trained %d steps in %.1fs (%.0f tokens/s), loss %.3f -> %.3f; saved %s",
              result.steps, wall, result.tokens_per_s, losses[0], losses[-1], out_dir)
     return result
 
 
-def _save(model, model_dir: Path, out_dir: Path, config: LoRAConfig, result: TrainResult) -> None:
-    """PEFT files + tandem_adapter.json, written under a temporary name then renamed."""
+def padding_id(tokenizer) -> int:
+    """The id right-padding uses: the tokenizer's pad token, else its EOS (padding is masked out)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+def load_trainable(model_dir: str | os.PathLike, config: LoRAConfig, *, device: str, bf16: bool, attention: str,
+                   adapter: str | os.PathLike | None = None):
+    """The model to train, on ``device``: ``(causal_lm, model)``.
+
+    ``causal_lm`` is the transformers model whose body and head the losses
+    run (``completion_loss``); ``model`` is what trains and saves: a peft
+    model with a fresh LoRA from ``config`` (initialised from ``config.seed``),
+    or with ``adapter``'s LoRA loaded trainable when one is given, or the base
+    itself for ``method="full"``. With bf16 the frozen base is stored in bf16
+    (autocast would otherwise re-cast every fp32 weight on each forward, 10%
+    of a step on CPU here); peft keeps the LoRA weights in fp32.
+    """
+    import torch
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    if config.method not in ("lora", "full"):
+        raise ValueError(f"method must be 'lora' or 'full', not {config.method!r}")
+    full = config.method == "full"
+    base = AutoModelForCausalLM.from_pretrained(  # full fine-tuning keeps fp32 master weights
+        model_dir, dtype=torch.bfloat16 if bf16 and not full else torch.float32, attn_implementation=attention,
+    ).to(device)
+    torch.manual_seed(config.seed)  # LoRA's A matrices are initialised randomly
+    if full:
+        return base, base
+    if adapter is not None:
+        return base, PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    return base, get_peft_model(base, PeftLoraConfig(
+        r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
+        target_modules=list(config.target_modules), bias="none", task_type="CAUSAL_LM",
+    ))
+
+
+def save_trained(model, model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: LoRAConfig,
+                 training: dict) -> None:
+    """PEFT files + tandem_adapter.json (``training``: the run's summary), written under a temporary
+    name then renamed, so a killed run leaves no half adapter."""
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -303,9 +342,6 @@ def _save(model, model_dir: Path, out_dir: Path, config: LoRAConfig, result: Tra
         info = json.loads((model_dir / "tandem.json").read_text()) if (model_dir / "tandem.json").exists() else {}
         info.update(name=f"{info.get('name', model_dir.name)}+full-{out_dir.name}", finetuned_from=str(model_dir))
         (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
-    training = result.to_dict()
-    training.pop("adapter_dir")
-    training["final_loss"] = result.losses[-1]
     write_meta(tmp, model_dir, config.to_dict(), training)
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
