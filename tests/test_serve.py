@@ -24,6 +24,7 @@ from tandem import ChainOfThought, Module, Predict  # noqa: E402
 from tandem.lm import FakeLM  # noqa: E402
 from tandem.lm import registry  # noqa: E402
 from tandem.serve import create_app, load_for_serving, parse_model_options, program_input_fields  # noqa: E402
+from tandem.serve_http import uvicorn_config  # noqa: E402
 from tandem.tasks.iris import IrisClassifier  # noqa: E402
 
 FLOWER = {"sepal_length": "5.1", "sepal_width": "3.5", "petal_length": "1.4", "petal_width": "0.2"}
@@ -42,12 +43,13 @@ def slow_iris_reply(text: str) -> str:
 
 
 @contextmanager
-def running(app):
-    """uvicorn on a free 127.0.0.1 port in a thread; yields the base URL."""
+def running(app, http="auto"):
+    """uvicorn on a free 127.0.0.1 port in a thread, configured as ``tandem serve`` runs it;
+    yields the base URL."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server = uvicorn.Server(uvicorn_config(app, http=http, log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -133,6 +135,75 @@ def test_malformed_bodies_are_422(iris_server, content, words):
     r = httpx.post(f"{iris_server}/v1/predict", content=content, headers={"content-type": "application/json"})
     assert r.status_code == 422, r.text
     assert words in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path, key", [("/v1/predict", "inputs"), ("/v1/predict_batch", "items")])
+def test_an_empty_body_names_what_to_send(iris_server, iris_lm, path, key):
+    r = httpx.post(f"{iris_server}{path}", content=b"", headers={"content-type": "application/json"})
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request" and "''" not in err["message"]
+    assert "empty" in err["message"] and repr(key) in err["message"]
+    assert all(name in err["message"] for name in FLOWER), err  # the input fields it expects
+    assert err["details"] == [{"field": "", "message": err["message"]}]
+    assert err["input_fields"] == list(FLOWER)
+    assert iris_lm.prompts == []
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_non_finite_numbers_are_422(iris_server, iris_lm, number):
+    flower = json.dumps(FLOWER).replace('"5.1"', number)
+    for path, body in (("/v1/predict", f'{{"inputs": {flower}}}'), ("/v1/predict_batch", f'{{"items": [{flower}]}}')):
+        r = httpx.post(f"{iris_server}{path}", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 422, r.text
+        err = r.json()["error"]
+        assert err["type"] == "invalid_request"
+        assert "input field 'sepal_length' must be a finite number" in err["message"], err
+        assert err["details"][0]["field"].endswith("sepal_length")
+    assert iris_lm.prompts == []
+
+
+def raw_request(url: str, head: bytes) -> tuple[int, dict, bytes]:
+    """Send ``head`` (a request as bytes) on a plain socket; (status, headers, body) of the reply."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    top, _, body = reply.partition(b"\r\n\r\n")
+    status_line, *lines = top.decode("latin-1").split("\r\n")
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
+    if headers.get("transfer-encoding") == "chunked":
+        size, _, rest = body.partition(b"\r\n")
+        body = rest[:int(size, 16)]
+    return int(status_line.split()[1]), headers, body
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+@pytest.mark.parametrize("value", [b"abc", b"-5", b"12abc"])
+def test_a_malformed_content_length_is_a_json_400(iris_lm, http, value):
+    """uvicorn's HTTP parser refuses the request before the app sees it; the reply is JSON anyway."""
+    if http == "httptools":
+        pytest.importorskip("httptools")
+    with running(create_app(IrisClassifier().set_lm(iris_lm)), http=http) as url:
+        check_malformed_content_length(url, value)
+    assert iris_lm.prompts == []
+
+
+def check_malformed_content_length(url: str, value: bytes = b"abc") -> None:
+    status, headers, body = raw_request(url, b"POST /v1/predict HTTP/1.1\r\nHost: t\r\n"
+                                        b"Content-Type: application/json\r\nContent-Length: " + value
+                                        + b"\r\n\r\n{}")
+    assert status == 400, body
+    assert headers["content-type"] == "application/json"
+    err = json.loads(body)["error"]
+    assert err["type"] == "invalid_request"
+    assert "Content-Length" in err["message"] and value.decode() in err["message"], err
+    assert err["details"] == [{"field": "Content-Length", "message": err["message"]}]
+    # any other request the parser refuses is JSON too
+    status, headers, body = raw_request(url, b"NOT AN HTTP REQUEST\r\n\r\n")
+    assert status == 400 and json.loads(body)["error"]["type"] == "invalid_request"
 
 
 def test_oversized_bodies_are_413(iris_lm):
@@ -384,6 +455,7 @@ def test_cli_serve_runs_a_server(tmp_path):
         assert health.json()["name"] == "run"
         r = httpx.post(f"http://127.0.0.1:{port}/v1/predict", json={"inputs": FLOWER})
         assert r.json()["outputs"]["species"] == "setosa"
+        check_malformed_content_length(f"http://127.0.0.1:{port}")  # tandem serve's uvicorn answers JSON
     finally:
         proc.terminate()
         proc.wait(20)

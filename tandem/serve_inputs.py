@@ -1,0 +1,150 @@
+"""What a request to ``tandem serve`` must hold: the program's input fields, the pydantic
+models that check request bodies against them, and validation errors in this API's words.
+
+``program_input_fields(program)`` finds the fields; ``request_models(fields, max_batch_items)``
+builds the body models of ``/v1/predict`` and ``/v1/predict_batch`` from them;
+``describe_validation_error`` turns one pydantic error into a ``(field, message)`` pair.
+"""
+
+import inspect
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, Union
+
+try:
+    from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, create_model
+    from pydantic_core import PydanticCustomError
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"tandem serve needs fastapi and uvicorn: pip install 'tandem[serve]' ({exc})") from exc
+
+from tandem.program.module import Module
+
+# The key of each endpoint's body: /v1/predict takes {"inputs": {...}}, /v1/predict_batch {"items": [{...}]}.
+BODY_KEYS = {"/v1/predict": "inputs", "/v1/predict_batch": "items"}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    required: bool = True
+    desc: str = ""
+
+
+def program_input_fields(program: Module) -> tuple[list[InputSpec], str]:
+    """The fields a request's ``inputs`` must hold, and where they came from.
+
+    In this order:
+
+    1. ``"declared"``: the program (class or instance) has ``input_fields = ("question", ...)``;
+    2. ``"forward"``: ``forward`` names its parameters (``def forward(self, question, k=3)``)
+       and takes no ``*args``/``**kwargs``; parameters with a default are optional;
+    3. ``"predictor"``: the input fields of the only predictor, or of the first one
+       (``named_predictors`` order) when there are several.
+
+    Descriptions come from the predictors' fields of the same name.
+    """
+    preds = program.named_predictors()
+    descs: dict[str, str] = {}
+    for _, p in reversed(preds):
+        descs.update({f.name: f.desc for f in p.signature.input_fields if f.desc})
+
+    declared = getattr(program, "input_fields", None)
+    if declared is not None:
+        if isinstance(declared, str) or not all(isinstance(n, str) and n.isidentifier() for n in declared):
+            raise TypeError(f"{type(program).__name__}.input_fields must be a tuple of field names, not {declared!r}")
+        return [InputSpec(n, True, descs.get(n, "")) for n in declared], "declared"
+
+    from tandem.program.predict import Predict
+
+    forward = type(program).forward
+    if forward is not Module.forward and forward is not Predict.forward:
+        params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
+        kinds = {p.kind for p in params}
+        if params and not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
+            return [InputSpec(p.name, p.default is inspect.Parameter.empty, descs.get(p.name, ""))
+                    for p in params], "forward"
+
+    if not preds:
+        raise TypeError(
+            f"{type(program).__name__} has no predictors and declares no input_fields; "
+            "set input_fields = ('name', ...) on the class"
+        )
+    return [InputSpec(f.name, True, f.desc) for f in preds[0][1].signature.input_fields], "predictor"
+
+
+def _scalar(value: Any) -> Any:
+    """A string or a finite number; anything else is a ``scalar_type`` error."""
+    if isinstance(value, bool) or value is None or not isinstance(value, (str, int, float)):
+        kind = {bool: "a boolean", type(None): "null", dict: "an object", list: "a list"}.get(type(value), type(value).__name__)
+        raise PydanticCustomError("scalar_type", "must be a string or a number, not {kind}", {"kind": kind})
+    if isinstance(value, float) and not math.isfinite(value):
+        # JSON's NaN, Infinity and -Infinity (and numbers too large for a float, such as 1e999)
+        shown = "NaN" if math.isnan(value) else "Infinity" if value > 0 else "-Infinity"
+        raise PydanticCustomError("scalar_type", "must be a finite number, not {value}", {"value": shown})
+    return value
+
+
+# A field value: a string or a finite number (passed to the program as is; prompts show str(value)).
+Scalar = Annotated[Union[StrictStr, StrictInt, StrictFloat], BeforeValidator(_scalar)]
+
+
+def inputs_model(fields: list[InputSpec]) -> type[BaseModel]:
+    """A pydantic model of the inputs. Python names are ``f0, f1, ...`` with the field names as
+    aliases, so that a field may be called ``json`` or ``model_config`` without clashing."""
+    spec = {
+        f"f{i}": (Scalar, Field(... if f.required else None, alias=f.name, description=f.desc or None))
+        for i, f in enumerate(fields)
+    }
+    return create_model("ProgramInputs", __config__=ConfigDict(extra="forbid"), **spec)
+
+
+def request_models(fields: list[InputSpec], max_batch_items: int) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The body models of ``/v1/predict`` (``{"inputs": {...}}``) and ``/v1/predict_batch``
+    (``{"items": [{...}, ...]}``, 1 to ``max_batch_items`` items)."""
+    inputs = inputs_model(fields)
+    predict = create_model("PredictRequest", __config__=ConfigDict(extra="forbid"), inputs=(inputs, ...))
+    batch = create_model(
+        "PredictBatchRequest", __config__=ConfigDict(extra="forbid"),
+        items=(list[inputs], Field(..., min_length=1, max_length=max_batch_items)))
+    return predict, batch
+
+
+def expected_value(key: str, fields: list[InputSpec]) -> str:
+    """What ``key`` of a body must hold, naming the input fields: ``an object of the input
+    fields question, style (optional)``."""
+    names = ", ".join(f.name if f.required else f"{f.name} (optional)" for f in fields)
+    if key == "items":
+        return f"a list of objects of the input fields {names}"
+    return f"an object of the input fields {names}"
+
+
+def describe_validation_error(err: dict, fields: list[InputSpec], key: str | None) -> tuple[str, str]:
+    """(field, message) for one pydantic error, in the words of this API.
+
+    ``key`` is the body's top-level key at the endpoint that failed (``inputs`` or ``items``),
+    used to say what an empty body should have held."""
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    where = ".".join(loc)
+    kind = err.get("type", "")
+    if kind == "json_invalid":
+        return "", f"the body is not valid JSON ({err.get('ctx', {}).get('error', err.get('msg'))})"
+    if kind == "missing":
+        if not loc:  # no body at all (or JSON null)
+            if key is None:
+                return "", "the body is empty or null; send a JSON object"
+            return "", (f"the body is empty or null; send a JSON object with {key!r}: "
+                        f"{expected_value(key, fields)}")
+        if len(loc) == 1:
+            hint = f": {expected_value(where, fields)}" if where in BODY_KEYS.values() else ""
+            return where, f"missing {where!r} in the body{hint}"
+        return where, f"missing input field {loc[-1]!r}"
+    if kind == "extra_forbidden":
+        if len(loc) <= 1:
+            return where, f"unknown key {where!r} in the body"
+        return where, f"unknown input field {loc[-1]!r}"
+    if kind == "scalar_type":
+        return where, f"input field {loc[-1]!r} {err.get('msg')}"
+    if kind in ("model_attributes_type", "dict_type") and len(loc) <= 1:
+        return where, (f"{where} must be a JSON object" if where else
+                       "the body must be a JSON object, sent with content-type application/json")
+    return where, f"{where or 'body'}: {err.get('msg')}"
