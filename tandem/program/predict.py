@@ -122,9 +122,14 @@ class Predict(Module):
         reply = completion.text
         if self.fill_missing:
             reply = self._fill_missing(lm, req, reply, t)
-        outputs = self.format.parse(self.signature, req.prompt.prefix + reply)
+        shown = {f.name: inputs[f.name] for f in self.signature.input_fields}
+        try:
+            outputs = self.format.parse(self.signature, req.prompt.prefix + reply)
+        except ParseError:
+            if t is not None:
+                t.record_unparsed(predictor_name(self), shown, req.text, reply)
+            raise
         if t is not None:
-            shown = {f.name: inputs[f.name] for f in self.signature.input_fields}
             t.record(predictor_name(self), shown, outputs, req.text, reply)
         return Prediction(outputs)
 

@@ -44,6 +44,9 @@ class Trace:
     usage: Usage = field(default_factory=Usage)
     # The program whose predictor names the entries use (None: the outermost module call's).
     program: Any = None
+    # Calls whose reply did not parse (the run then stopped with a ParseError): kept apart from
+    # ``entries``, which hold parsed calls only; the RL step trains on them with a format penalty.
+    unparsed: list[TraceEntry] = field(default_factory=list)
     _names: dict | None = field(default=None, repr=False, compare=False)
 
     def names(self) -> dict[int, str]:
@@ -56,6 +59,11 @@ class Trace:
     def record(self, predictor: str, inputs: dict, outputs: dict, prompt: str, completion: str) -> None:
         index = sum(1 for e in self.entries if e.predictor == predictor)
         self.entries.append(TraceEntry(predictor, index, dict(inputs), dict(outputs), prompt, completion))
+
+    def record_unparsed(self, predictor: str, inputs: dict, prompt: str, completion: str) -> None:
+        """A call whose reply did not parse: its prompt and reply, no outputs (``unparsed``)."""
+        index = sum(1 for e in self.entries if e.predictor == predictor)
+        self.unparsed.append(TraceEntry(predictor, index, dict(inputs), {}, prompt, completion))
 
     def __iter__(self) -> Iterator[TraceEntry]:
         return iter(self.entries)
