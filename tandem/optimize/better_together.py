@@ -3,7 +3,7 @@
     bt = BetterTogether(metric, strategy="p -> w -> p", run_dir="runs/iris")
     result = bt.compile(program, trainset=train, valset=dev, seed=0)
 
-Steps (``p``: RandomSearch, ``w``: BootstrapFinetune, or any name given in
+Steps (``p``: RandomSearch, ``w``: BootstrapFinetune, ``r``: GRPO, or any name given in
 ``optimizers={"name": optimizer}``) run left to right. Every step's optimizer
 is called the same way (the ``Optimizer`` protocol, ``tandem.optimize.base``):
 ``compile(program, trainset=, valset=, seed=, progress=, out_dir=)``. A prompt
@@ -57,6 +57,7 @@ from typing import Callable
 from tandem.evaluate.evaluate import Metric, evaluate
 from tandem.optimize.base import CompileResult, Optimizer, Progress, StepRecord, check_dataset, check_optimizer
 from tandem.optimize.finetune import BootstrapFinetune
+from tandem.optimize.grpo import GRPO
 from tandem.optimize.random_search import RandomSearch
 from tandem.program.example import Example
 from tandem.program.module import Module
@@ -115,11 +116,14 @@ class BetterTogether:
     run_dir: str | Path | None = None
     num_threads: int = 64
     optimizers: dict[str, Optimizer] = field(default_factory=dict)  # more steps, by name
+    rl_optimizer: Optimizer | None = None  # step "r" (default: GRPO, the RL weight step)
 
     def __post_init__(self) -> None:
         self.prompt_optimizer = self.prompt_optimizer or RandomSearch(self.metric, num_threads=self.num_threads)
         self.weight_optimizer = self.weight_optimizer or BootstrapFinetune(self.metric, num_threads=self.num_threads)
-        self.optimizers = {"p": self.prompt_optimizer, "w": self.weight_optimizer, **self.optimizers}
+        self.rl_optimizer = self.rl_optimizer or GRPO(self.metric, num_threads=self.num_threads)
+        self.optimizers = {"p": self.prompt_optimizer, "w": self.weight_optimizer, "r": self.rl_optimizer,
+                           **self.optimizers}
         if START in self.optimizers:
             raise StrategyError(f"{START!r} names step 0 (the given program); register your optimizer as another name")
         for name, opt in self.optimizers.items():
