@@ -12,6 +12,10 @@ a strategy, a seed, split sizes and training settings::
     [lora]
     learning_rate = 3e-4
 
+    [rl]                       # the RL step `r` (tandem.optimize.grpo.GRPOSettings)
+    steps = 10
+    rollouts = 4
+
 Paths: a path in a config file (``task = "my_task.py"``, ``data = ...``) is
 relative to the config file's folder; one on the command line (``--data``,
 ``--set data=...``, a task file argument) to the current directory. Both
@@ -56,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS, check_teacher_demos
+from tandem.optimize.grpo import GRPOSettings
 from tandem.tasks.registry import Task, get_task, task_from_file
 from tandem.train import LoRAConfig
 
@@ -69,6 +74,8 @@ def is_zero_shot(strategy: str) -> bool:
 
 #: The weight step's bootstrap settings and their defaults (BootstrapFinetune's).
 WEIGHT_STEP_KEYS = BOOTSTRAP_DEFAULTS
+#: The steps a run's strategy may name: prompt (p), weight (w) and RL (r) steps.
+STEP_LETTERS = frozenset({"p", "w", "r"})
 
 
 @dataclass
@@ -89,6 +96,7 @@ class RunConfig:
     run_dir: str | None = None  # default: runs/<task>-<strategy>-s<seed>
     lora: dict = field(default_factory=dict)  # LoRAConfig overrides
     weight_step: dict = field(default_factory=dict)  # BootstrapFinetune's bootstrap settings (WEIGHT_STEP_KEYS)
+    rl: dict = field(default_factory=dict)  # the RL step's settings (GRPOSettings; its LoRA shape is [lora]'s)
     backend_options: dict = field(default_factory=dict)  # passed to the LM backend
 
     def lora_config(self) -> LoRAConfig:
@@ -117,12 +125,19 @@ class RunConfig:
             raise ValueError(f"[weight_step] {exc}") from None
         return opts
 
+    def rl_settings(self) -> GRPOSettings:
+        """The ``[rl]`` settings with ``[lora]``'s LoRA, checked: unknown names and bad values are one-line errors."""
+        try:
+            return GRPOSettings.from_dict(self.rl, lora=self.lora_config())
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"[rl] {str(exc).replace('RL setting', 'setting', 1)}") from None
+
     def check(self) -> "RunConfig":
         """Every setting checked, without loading data or a model; a one-line ValueError naming the setting.
 
         Called by ``load_config`` and by ``run_cell`` before it creates the run
         directory: the strategy parses, ``sizes`` are three positive integers,
-        the ``[lora]`` and ``[weight_step]`` settings are known and valid, the
+        the ``[lora]``, ``[weight_step]`` and ``[rl]`` settings are known and valid, the
         prompt format exists, and the counts are integers in range.
         """
         from tandem.optimize.better_together import parse_strategy
@@ -130,7 +145,7 @@ class RunConfig:
         if not isinstance(self.strategy, str):
             raise ValueError(f"setting `strategy` must be text like 'p -> w -> p', got {self.strategy!r}")
         if not is_zero_shot(self.strategy):
-            parse_strategy(self.strategy, {"p", "w"})  # the steps run_cell gives BetterTogether
+            parse_strategy(self.strategy, set(STEP_LETTERS))  # the steps BetterTogether runs
         if self.sizes is not None:
             check_sizes(self.sizes)
         for name, low, optional in (("seed", None, False), ("data_seed", None, True), ("threads", 1, False),
@@ -142,11 +157,12 @@ class RunConfig:
             if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
                 what = "an integer" if low is None else f"an integer >= {low}"
                 raise ValueError(f"setting `{name}` must be {what}, got {value!r}")
-        for name in ("lora", "weight_step", "backend_options"):
+        for name in ("lora", "weight_step", "rl", "backend_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"setting `{name}` must be a table of settings, got {getattr(self, name)!r}")
         self.lora_config()
         self.weight_step_options()
+        self.rl_settings()
         check_format(self.format)
         return self
 
@@ -231,6 +247,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             values.setdefault("lora", {})[key[5:]] = _number(raw)
         elif key.startswith("weight_step."):
             values.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
+        elif key.startswith("rl."):
+            values.setdefault("rl", {})[key[3:]] = setting_value(raw)
         else:
             given[key] = _coerce(key, raw)
     given.update({k: v for k, v in kwargs.items() if v is not None})

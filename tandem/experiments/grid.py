@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager
 
 from tandem.experiments.config import (
-    RunConfig, _coerce, _number, check_format, read_toml, resolve_path, setting_value,
+    STEP_LETTERS, RunConfig, _coerce, _number, check_format, read_toml, resolve_path, setting_value,
 )
 from tandem.experiments.paper import normalize_strategy
 from tandem.experiments.run import (
@@ -247,6 +247,8 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
                 target.setdefault("lora", {})[key[5:]] = _number(raw)
             elif key.startswith("weight_step."):
                 target.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
+            elif key.startswith("rl."):
+                target.setdefault("rl", {})[key[3:]] = setting_value(raw)
             elif target is settings or key in target:
                 target[key] = resolve_path(raw) if key == "data" and raw else _coerce(key, raw)
     if "tasks" not in grid:
@@ -276,7 +278,7 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
 
     for s in exp.strategies:
         if not is_zero_shot(s):
-            parse_strategy(s, {"p", "w"})
+            parse_strategy(s, set(STEP_LETTERS))
     exp.cells()  # settings errors now, not after the first model has loaded
     return exp
 
