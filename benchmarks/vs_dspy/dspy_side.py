@@ -107,7 +107,9 @@ def evaluate(program, data, threads, max_errors) -> dict:
     ev = dspy.Evaluate(devset=data, metric=iris_metric, num_threads=threads, max_errors=max_errors,
                        display_progress=False, display_table=False)
     res = ev(program)
-    return {"score": round(float(res.score), 2), "n": len(data)}
+    # res.results: (example, prediction, score) per example, in the dev set's order.
+    return {"score": round(float(res.score), 2), "n": len(data),
+            "outcomes": [float(score or 0.0) for _, _, score in res.results]}
 
 
 def phase_timer() -> list[dict]:
@@ -188,7 +190,7 @@ def one_round(args, train, val, dev, phases: list, seed: int = 0) -> dict:
     return {
         "step_wall_s": round(step_s, 2), "usage": step_usage, "server_counters": step_server,
         "val_acc": val_eval["score"], "val_acc_in_search": max(c["score"] for c in candidates),
-        "dev_acc": dev_eval["score"], "eval_wall_s": round(time.perf_counter() - t0, 2),
+        "dev_acc": dev_eval["score"], "dev_outcomes": dev_eval["outcomes"], "eval_wall_s": round(time.perf_counter() - t0, 2),
         "eval_usage": lm_usage(lm.history[n_hist:]),
         "candidates": candidates, "candidates_evaluated": len(candidates),
         "phases": list(phases),

@@ -152,20 +152,20 @@ def run_side(cmd: list, log: Path, env: dict | None = None, timeout: float = 360
     return time.perf_counter() - t0
 
 
-def iris_rows() -> dict[str, list[dict]]:
+def iris_rows(data_seed: int = 0) -> dict[str, list[dict]]:
     """The comparison's data: Iris train / dev and the prompt step's 15 / 35 of train, as plain rows."""
     from tandem.optimize.better_together import SplitPlan
     from tandem.tasks.iris import load_iris, split_iris
 
-    data = split_iris(load_iris(), seed=0)  # the paper's 50 / 50 / 50
+    data = split_iris(load_iris(), seed=data_seed)  # the paper's 50 / 50 / 50
     # The prompt step's 15 / 35 of the training set, as BetterTogether's first step makes it (step seed 0).
     ptrain, pval = SplitPlan().split(data["train"], 0)
     return {k: [dict(x) for x in v] for k, v in
             {"train": data["train"], "dev": data["dev"], "prompt_train": ptrain, "prompt_val": pval}.items()}
 
 
-def write_data(path: Path) -> dict:
-    rows = iris_rows()
+def write_data(path: Path, data_seed: int = 0) -> dict:
+    rows = iris_rows(data_seed)
     path.write_text(json.dumps(rows, indent=1))
     return {k: len(v) for k, v in rows.items()}
 

@@ -84,6 +84,8 @@ def prompt_step(args) -> dict:
     lm.start()
     load_s = time.perf_counter() - t0
     program = IrisClassifier().set_lm(lm)
+    if args.format:
+        program.set_format(args.format)
 
     rounds = []
     seeds = [int(x) for x in args.search_seeds.split(",")]
@@ -107,7 +109,8 @@ def prompt_step(args) -> dict:
         rounds.append({
             "step_wall_s": round(step_s, 2), "phases": phases, "usage": rec.usage, "engine_counters": step_engine,
             "val_acc": round(val_eval.score, 2), "val_acc_in_search": round(result.score, 2),
-            "dev_acc": round(dev_eval.score, 2), "val_failures": val_eval.failures,
+            "dev_acc": round(dev_eval.score, 2), "dev_outcomes": [r.score for r in dev_eval.records],
+            "val_failures": val_eval.failures,
             "dev_failures": dev_eval.failures, "eval_wall_s": round(time.perf_counter() - t0, 2),
             "candidates": rec.extra.get("candidates"), "chosen": rec.detail,
             "bootstrap_passed": rec.extra.get("bootstrap_passed"),
@@ -199,6 +202,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--search-seeds", default="0")
+    p.add_argument("--format", default=None, help="the program's prompt format (default: tandem's default)")
     args = p.parse_args()
     out = prompt_step(args) if args.what == "prompt" else train(args)
     Path(args.out).write_text(json.dumps(out, indent=1))
