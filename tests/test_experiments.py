@@ -305,7 +305,7 @@ def test_report_of_an_experiment_and_of_one_run(tmp_path):
     for section in ("Scores after each step", "Time and tokens per step", "Returned program", "demo 1",
                     "Test examples fixed and broken", "zero-shot prediction"):
         assert section in html, section
-    assert html.count("data:image/png;base64,") == 2
+    assert html.count("data:image/png;base64,") == 3  # scores, time and tokens, the LoRA loss
     assert "| 1 | p | ok |" in md1 and "fixed" in md1
 
 

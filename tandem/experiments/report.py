@@ -1,18 +1,25 @@
-"""``tandem report RUN_DIR``: one self-contained HTML file, and a markdown summary.
+"""``tandem report RUN_DIR``: one self-contained HTML file, and a markdown summary next to it.
 
     html_path, markdown = write_report("runs/exp-iris")     # an experiment's out folder
     html_path, markdown = write_report("runs/iris-pwp-s0")  # one run directory
 
-The HTML has no external assets (plots are base64 PNGs from matplotlib,
-styles inline), so it can be mailed or attached as it is. Sections:
+Both files are written (``report.html`` and ``report.md`` in the directory, or
+``--out FILE.html`` and ``FILE.md``). The HTML has no external assets (plots
+are base64 PNGs, ``report_plots.py``; styles inline), so it can be mailed as
+it is. It is rendered from the Jinja templates in ``templates/`` with
+autoescaping on, so text from a run (examples, predictions, instructions)
+is shown, never interpreted. This module reads a run directory into plain
+data for the templates; ``report_experiment.py`` does the same for an
+experiment. A run's report holds:
 
-- the results table (an experiment: strategies x tasks, mean [95% CI] over
-  runs, ours and the paper's);
-- scores after each step, with the spread over runs (an experiment: per task,
-  each strategy's validation score after each step and its test score with
-  its interval; ``report_plots.py``), and the paired tests between strategies;
-- time and tokens per step;
-- each module's final instructions and demos (``final/program.json``);
+- a summary (scores, fixed / broken, failures on test) and the time: model
+  load, the steps, the test evaluations, and the total the CLI printed;
+- the settings (``config.json``);
+- the dev score after each step; time, tokens and failure kinds per step;
+- each prompt step's candidates with their scores (the chosen one marked);
+- each weight step's LoRA training loss curve (the whole curve from the
+  adapter's ``tandem_adapter.json``; history.json keeps its last five);
+- the returned program's instructions and demos (``final/program.json``);
 - test examples the optimization fixed and broke: the zero-shot program's
   records (``baseline_records.json``) against the returned program's
   (``test_records.json``).
@@ -20,90 +27,55 @@ styles inline), so it can be mailed or attached as it is. Sections:
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from jinja2 import Environment, PackageLoader, StrictUndefined
+
+from tandem.experiments import report_plots
 from tandem.experiments.paper import task_label
 from tandem.experiments.run import BASELINE_RECORDS, RESULTS, TEST_RECORDS, compare_records, read_json
-
-CSS = """
-body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 24px auto; max-width: 1100px;
-       color: #1d2330; line-height: 1.45; padding: 0 16px; }
-h1 { font-size: 26px; margin-bottom: 4px; } h2 { margin-top: 36px; border-bottom: 2px solid #e3e6ee; padding-bottom: 4px; }
-h3 { margin-top: 24px; } .muted { color: #6b7385; font-size: 13px; }
-table { border-collapse: collapse; margin: 10px 0 18px; font-size: 13.5px; }
-th, td { border: 1px solid #d7dbe5; padding: 4px 9px; text-align: left; vertical-align: top; }
-th { background: #f2f4f8; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
-img { max-width: 100%; border: 1px solid #eceef3; margin: 6px 0; }
-pre { background: #f6f7fa; padding: 8px 10px; white-space: pre-wrap; word-break: break-word; font-size: 12.5px;
-      margin: 4px 0; border-radius: 4px; }
-details { margin: 6px 0 10px; } summary { cursor: pointer; font-weight: 600; }
-.fixed { color: #17803d; font-weight: 600; } .broken { color: #b42318; font-weight: 600; }
-.card { border: 1px solid #e3e6ee; border-radius: 6px; padding: 8px 12px; margin: 8px 0; }
-"""
+from tandem.train.adapter import META_FILE
 
 MAX_TEXT = 600  # characters of one field shown in examples and demos
+
+ENV = Environment(
+    loader=PackageLoader("tandem.experiments", "templates"),
+    autoescape=lambda name: not (name or "").endswith(".md.j2"),  # HTML escaped; markdown as it is
+    undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+)
 
 
 # -- entry point ------------------------------------------------------------------------------
 def write_report(path: str | Path, out: str | Path | None = None, max_examples: int = 8) -> tuple[Path, str]:
-    """Write the HTML report of a run or experiment directory; return (its path, a markdown summary)."""
+    """Write the HTML report and the markdown summary of a run or experiment; return (HTML path, markdown)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such directory")
     doc = read_json(path / RESULTS)
     if isinstance(doc, dict) and "cells" in doc:
-        from tandem.experiments.report_experiment import experiment_report
+        from tandem.experiments.report_experiment import experiment_context
 
-        body, md = experiment_report(path, max_examples)
-        title = f"tandem experiment {path}"
+        ctx, name = experiment_context(path, max_examples), "experiment"
     elif doc is not None or (path / "history.json").exists() or (path / "plan.json").exists():
-        body, md = _single(path, max_examples)
-        title = f"tandem run {path}"
+        ctx, name = run_context(path, max_examples, plots=True), "run"
     else:
         raise ValueError(f"{path} is neither a run directory (results.json, history.json) nor an experiment's "
                          "out folder (results.json with cells)")
-    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{_e(title)}</title>"
-            f"<style>{CSS}</style></head><body>{body}</body></html>")
     target = Path(out) if out else path / "report.html"
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(page, encoding="utf-8")
+    target.write_text(ENV.get_template(f"{name}.html.j2").render(ctx), encoding="utf-8")
+    md = ENV.get_template(f"{name}.md.j2").render(ctx)
+    target.with_suffix(".md").write_text(md, encoding="utf-8")
     return target, md
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _e(x: Any) -> str:
-    return html.escape(str(x), quote=True)
-
-
-def _short(x: Any, limit: int = MAX_TEXT) -> str:
+def short(x: Any, limit: int = MAX_TEXT) -> str:
     text = x if isinstance(x, str) else json.dumps(x, ensure_ascii=False, default=str)
     return text if len(text) <= limit else text[:limit] + f" … ({len(text) - limit} more characters)"
-
-
-def _pyplot():
-    try:
-        import matplotlib
-    except ImportError as exc:
-        raise ImportError("tandem report draws its plots with matplotlib: pip install 'tandem[report]'") from exc
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _img(fig, alt: str) -> str:
-    plt = _pyplot()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    return f"<img alt='{_e(alt)}' src='data:image/png;base64,{data}'>"
 
 
 def step_offset(history: list[dict]) -> int:
@@ -111,12 +83,12 @@ def step_offset(history: list[dict]) -> int:
     return 0 if history and history[0].get("kind") == "start" else 1
 
 
-def _tokens(usage: dict | None) -> int:
+def tokens(usage: dict | None) -> int:
     u = usage or {}
     return int(u.get("prompt_tokens", 0)) + int(u.get("output_tokens", 0))
 
 
-def _fmt(v: Any, digits: int = 1) -> str:
+def fmt(v: Any, digits: int = 1) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
@@ -124,217 +96,217 @@ def _fmt(v: Any, digits: int = 1) -> str:
     return str(v)
 
 
-def _table(header: list[str], rows: list[list[Any]], numeric: set[int] | None = None) -> str:
-    numeric = numeric or set()
-    out = ["<table><tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>"]
-    for row in rows:
-        out.append("<tr>" + "".join(
-            f"<td class='num'>{_e(_fmt(c))}</td>" if i in numeric else f"<td>{_e(_fmt(c))}</td>"
-            for i, c in enumerate(row)) + "</tr>")
-    return "".join(out) + "</table>"
+def failures_text(failures: dict | None) -> str:
+    """``{"parse": 3, "empty": 1}`` -> ``"parse: 3, empty: 1"``; none -> ``"none"``."""
+    return ", ".join(f"{k}: {v}" for k, v in sorted((failures or {}).items(), key=lambda kv: -kv[1])) or "none"
 
 
-def _md_to_html(md: str) -> str:
-    """The small markdown subset table_markdown writes: headings, paragraphs, pipe tables, bullets, bold."""
-    def inline(text: str) -> str:
-        return re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", _e(text))
-
-    out, table, bullets = [], [], []
-
-    def flush():
-        if table:
-            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table
-                    if not re.fullmatch(r"\|[\s\-|]+\|", line.strip())]
-            head, *body = rows
-            out.append("<table><tr>" + "".join(f"<th>{inline(c)}</th>" for c in head) + "</tr>" + "".join(
-                "<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in body) + "</table>")
-            table.clear()
-        if bullets:
-            out.append("<ul>" + "".join(f"<li>{inline(b)}</li>" for b in bullets) + "</ul>")
-            bullets.clear()
-
-    for line in md.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        if line.startswith("- "):
-            bullets.append(line[2:])
-            continue
-        flush()
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")) + 1, 4)
-            out.append(f"<h{level}>{inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.strip():
-            out.append(f"<p>{inline(line)}</p>")
-    flush()
-    return "\n".join(out)
+ENV.filters.update(fmt=fmt, failures=failures_text)
 
 
-# -- final programs ---------------------------------------------------------------------------------
-def _program_html(run_dir: Path) -> str:
+def setting_rows(doc: dict, flatten: tuple[str, ...] = ()) -> list[tuple[str, str]]:
+    """Settings as (name, value) rows; the dicts named in ``flatten`` give one row per key."""
+    rows = []
+    for k, v in doc.items():
+        if k in flatten and isinstance(v, dict) and v:
+            rows += [(f"{k}.{sub}" if k != "settings" else sub, _value(x)) for sub, x in v.items()]
+        else:
+            rows.append((k, _value(v)))
+    return rows
+
+
+def _value(v: Any) -> str:
+    if v is None:
+        return "–"
+    if v == {}:
+        return "defaults"
+    return v if isinstance(v, str) else json.dumps(v, ensure_ascii=False, default=str)
+
+
+# -- a run's parts (shared with the experiment report) --------------------------------------------
+def program_parts(run_dir: Path) -> list[dict] | None:
+    """The returned program's predictors (final/program.json); None before the run finished."""
     doc = read_json(run_dir / "final" / "program.json")
     if doc is None:
-        return "<p class='muted'>no final/program.json (the run has not finished)</p>"
+        return None
     parts = []
     for name, state in (doc.get("predictors") or {}).items():
         sig = state.get("signature") or {}
-        ins = [f["name"] for f in sig.get("fields", []) if f.get("input")]
-        outs = [f["name"] for f in sig.get("fields", []) if not f.get("input")]
         lm = state.get("lm") or {}
-        lm_text = f"{lm.get('backend', '?')}:{lm.get('model', '?')}" + (
-            f" + adapter {lm['adapter']}" if lm.get("adapter") else "")
-        demos = state.get("demos") or []
-        parts.append(
-            f"<div class='card'><b>{_e(name)}</b> <span class='muted'>{_e(', '.join(ins))} → "
-            f"{_e(', '.join(outs))}; model {_e(lm_text)}; {len(demos)} demo(s)</span>"
-            f"<div class='muted'>instructions</div><pre>{_e(sig.get('instructions', ''))}</pre>")
-        for i, demo in enumerate(demos):
-            fields = "\n".join(f"{k}: {_short(v, 400)}" for k, v in demo.items())
-            parts.append(f"<div class='muted'>demo {i + 1}</div><pre>{_e(fields)}</pre>")
-        parts.append("</div>")
-    return "".join(parts) or "<p class='muted'>the program has no predictors</p>"
+        parts.append({
+            "name": name, "instructions": sig.get("instructions", ""),
+            "inputs": ", ".join(f["name"] for f in sig.get("fields", []) if f.get("input")),
+            "outputs": ", ".join(f["name"] for f in sig.get("fields", []) if not f.get("input")),
+            "lm": f"{lm.get('backend', '?')}:{lm.get('model', '?')}"
+                  + (f" + adapter {lm['adapter']}" if lm.get("adapter") else ""),
+            "adapter": bool(lm.get("adapter")),
+            "demos": ["\n".join(f"{k}: {short(v, 400)}" for k, v in demo.items()) for demo in state.get("demos") or []],
+        })
+    return parts
 
 
-def _program_md(run_dir: Path) -> list[str]:
-    doc = read_json(run_dir / "final" / "program.json") or {}
-    lines = []
-    for name, state in (doc.get("predictors") or {}).items():
-        lm = state.get("lm") or {}
-        lines.append(f"- `{name}`: {len(state.get('demos') or [])} demo(s)"
-                     + (", with a LoRA adapter" if lm.get("adapter") else ""))
-    return lines
-
-
-# -- fixed and broken ---------------------------------------------------------------------------------
-def _changes(run_dir: Path) -> tuple[dict | None, dict, dict]:
-    """(indices fixed/broken or None when records are missing, baseline by index, final by index)."""
-    base = read_json(run_dir / BASELINE_RECORDS)
-    final = read_json(run_dir / TEST_RECORDS)
-    if base is None or final is None:
-        return None, {}, {}
-    base_records = base["records"] if isinstance(base, dict) else base
-    final_records = final["records"] if isinstance(final, dict) else final
-    return (compare_records(base_records, final_records), {r["index"]: r for r in base_records},
-            {r["index"]: r for r in final_records})
+def _records(doc: Any) -> list[dict]:
+    return doc["records"] if isinstance(doc, dict) else doc
 
 
 def _pred_text(rec: dict) -> str:
     if rec.get("failure"):
         return f"[{rec['failure']} failure] {rec.get('error') or ''}"
-    pred = rec.get("prediction") or {}
-    return "\n".join(f"{k}: {_short(v, 400)}" for k, v in pred.items())
+    return "\n".join(f"{k}: {short(v, 400)}" for k, v in (rec.get("prediction") or {}).items())
 
 
-def _changes_html(run_dir: Path, max_examples: int) -> str:
-    changes, base, final = _changes(run_dir)
-    if changes is None:
-        return "<p class='muted'>no per-example records (test_records.json / baseline_records.json)</p>"
-    n = len(final)
-    parts = [f"<p><span class='fixed'>{len(changes['fixed'])} fixed</span>, "
-             f"<span class='broken'>{len(changes['broken'])} broken</span> of {n} test examples "
-             f"(zero-shot program → returned program).</p>"]
+def change_parts(run_dir: Path, max_examples: int) -> dict | None:
+    """Test examples fixed and broken (the first ``max_examples`` of each); None without records."""
+    base, final = read_json(run_dir / BASELINE_RECORDS), read_json(run_dir / TEST_RECORDS)
+    if base is None or final is None:
+        return None
+    base_by = {r["index"]: r for r in _records(base)}
+    final_by = {r["index"]: r for r in _records(final)}
+    changes = compare_records(_records(base), _records(final))
+    groups = []
     for kind in ("fixed", "broken"):
-        idx = changes[kind][:max_examples]
-        if not idx:
+        shown = changes[kind][:max_examples]
+        groups.append({"kind": kind, "total": len(changes[kind]), "shown": len(shown), "rows": [{
+            "index": i, "example": "\n".join(f"{k}: {short(v, 400)}" for k, v in final_by[i]["example"].items()),
+            "before": _pred_text(base_by[i]), "before_score": f"{base_by[i]['score']:g}",
+            "after": _pred_text(final_by[i]), "after_score": f"{final_by[i]['score']:g}"} for i in shown]})
+    return {"n": len(final_by), "fixed": len(changes["fixed"]), "broken": len(changes["broken"]), "groups": groups}
+
+
+def step_rows(history: list[dict]) -> list[list[Any]]:
+    first = step_offset(history)
+    return [[first + i, h["kind"], h.get("status"), fmt(h.get("val_score")), fmt(h.get("inner_score")),
+             fmt(round(h.get("wall_s") or 0.0, 1)), (h.get("usage") or {}).get("calls", 0), tokens(h.get("usage")),
+             h.get("train_examples") if h["kind"] == "w" else "–",
+             failures_text((h.get("extra") or {}).get("val_failures")), short(h.get("detail", ""), 160)]
+            for i, h in enumerate(history)]
+
+
+STEP_HEADER = ["step", "kind", "status", "dev %", "inner %", "wall s", "LM calls", "tokens", "SFT examples",
+               "dev failures", "detail"]
+
+
+def candidate_parts(history: list[dict]) -> list[dict]:
+    """Each prompt step's candidates: name (the chosen one marked), score, failed examples, demos per module."""
+    first, out = step_offset(history), []
+    for i, h in enumerate(history):
+        cands = (h.get("extra") or {}).get("candidates")
+        if not cands:
             continue
-        rows = []
-        for i in idx:
-            ex = final[i]["example"]
-            ex_text = "\n".join(f"{k}: {_short(v, 400)}" for k, v in ex.items())
-            rows.append(f"<tr><td class='num'>{i}</td><td><pre>{_e(ex_text)}</pre></td>"
-                        f"<td><pre>{_e(_pred_text(base[i]))}</pre><div class='muted'>score {base[i]['score']:g}</div></td>"
-                        f"<td><pre>{_e(_pred_text(final[i]))}</pre><div class='muted'>score {final[i]['score']:g}</div></td></tr>")
-        more = len(changes[kind]) - len(idx)
-        parts.append(
-            f"<details{' open' if kind == 'fixed' else ''}><summary class='{kind}'>{kind} "
-            f"({len(changes[kind])}{f', first {len(idx)} shown' if more else ''})</summary>"
-            "<table><tr><th>#</th><th>example</th><th>zero-shot prediction</th><th>returned program</th></tr>"
-            + "".join(rows) + "</table></details>")
-    return "".join(parts)
+        named = re.match(r"chose (.+?) \(\d", h.get("detail") or "")  # RandomSearch's detail names its choice
+        names = [c.get("candidate") for c in cands]
+        best = (names.index(named.group(1)) if named and named.group(1) in names
+                else max(range(len(cands)), key=lambda j: (cands[j].get("score") or 0.0, -j)))
+        out.append({"step": first + i, "kind": h["kind"], "detail": h.get("detail", ""), "rows": [
+            [c.get("candidate") + (" (chosen)" if j == best else ""), fmt(c.get("score")), c.get("failed", "–"),
+             " / ".join(str(d) for d in c.get("demos") or []) or "–"] for j, c in enumerate(cands)]})
+    return out
+
+
+def loss_parts(run_dir: Path, history: list[dict]) -> list[dict]:
+    """Each trained adapter's loss curve: the whole one from its tandem_adapter.json when the folder is
+    still there, else the last losses history.json keeps."""
+    first, out = step_offset(history), []
+    for i, h in enumerate(history):
+        for key, info in ((h.get("extra") or {}).get("adapters") or {}).items():
+            if not isinstance(info, dict):  # another step's record (the RL step's: module -> adapter path)
+                continue
+            meta = _adapter_meta(run_dir, key)
+            losses = ((meta or {}).get("training") or {}).get("losses") or info.get("losses") or []
+            whole = bool(meta) or len(losses) >= (info.get("steps") or 0)
+            out.append({"step": first + i, "adapter": Path(key).name, "losses": losses, "whole": whole,
+                        "row": [first + i, Path(key).name, ", ".join(info.get("modules") or []) or "–",
+                                info.get("n_examples", "–"), info.get("steps", len(losses)),
+                                f"{losses[0]:.3f}" if losses else "–", f"{losses[-1]:.3f}" if losses else "–",
+                                f"{min(losses):.3f}" if losses else "–", fmt(info.get("wall_s")),
+                                fmt(info.get("serve_setup_s")),
+                                "whole curve" if whole else f"last {len(losses)} steps only"]})
+    return out
+
+
+LOSS_HEADER = ["step", "adapter", "modules", "examples", "optimizer steps", "first loss", "last loss", "lowest loss",
+               "training s", "serve setup s", "curve"]
+
+
+def _adapter_meta(run_dir: Path, key: str) -> dict | None:
+    """tandem_adapter.json of an adapter recorded as ``key`` (a path as the run saw it)."""
+    p = Path(key)
+    tries = [p]
+    if "steps" in p.parts:  # the run directory may have moved since
+        tries.append(run_dir.joinpath(*p.parts[p.parts.index("steps"):]))
+    for d in tries:
+        try:
+            meta = read_json(d / META_FILE)
+        except (OSError, ValueError):
+            meta = None
+        if isinstance(meta, dict):
+            return meta
+    return None
+
+
+def time_rows(res: dict, base: dict | None) -> list[list[Any]]:
+    """(what, seconds, what it counts) for one run; the total is what ``tandem optimize`` printed."""
+    load, wall = res.get("model_load_s"), res.get("wall_s")
+    return [
+        ["model load", fmt(load), "loading the model and starting its engine (recorded by tandem optimize; "
+                                  "an experiment loads each model once for all its runs)"],
+        ["steps", fmt(res.get("optimize_s")), "the steps' own wall times, the start's validation included "
+                                              "(the same however often the run resumed)"],
+        ["test evaluation", fmt(res.get("test_wall_s")), "the returned program on the test split"],
+        ["zero-shot test evaluation", fmt((base or {}).get("wall_s")),
+         "the unoptimized program on test (evaluated once per split and model; later runs reuse it)"],
+        ["the run", fmt(wall), "this process from the data to results.json: steps, both test evaluations, "
+                               "saving (a resumed run counts only what it redid)"],
+        ["total", fmt(round(load + wall, 1)) if load is not None and wall is not None else "–",
+         "model load + the run: the CLI's total"],
+    ]
 
 
 # -- one run ---------------------------------------------------------------------------------------------
-def _single(run_dir: Path, max_examples: int) -> tuple[str, str]:
-    plt = _pyplot()
+def run_context(run_dir: Path, max_examples: int, plots: bool) -> dict:
+    """What the run templates show; ``plots``: draw the figures (the experiment report shows tables only)."""
     res = read_json(run_dir / RESULTS) or {}
     cfg = read_json(run_dir / "config.json") or {}
     plan = read_json(run_dir / "plan.json") or {}
+    base = read_json(run_dir / BASELINE_RECORDS)
     history = res.get("history") or read_json(run_dir / "history.json") or []
+    first = step_offset(history)
     task = res.get("task") or Path(str(cfg.get("task", "?"))).stem
-    strategy = res.get("strategy") or plan.get("strategy") or cfg.get("strategy", "?")
-    model = res.get("model") or cfg.get("model", "?")
-    seed = res.get("seed", cfg.get("seed"))
-    first = step_offset(history)  # the number of history[0]: 0 for the start record
-    number = {id(h): first + i for i, h in enumerate(history)}
-    finished = bool(res)
-    parts = [f"<h1>{_e(task_label(task))}: {_e(strategy)}</h1>",
-             f"<p class='muted'>run directory {_e(run_dir)}; model {_e(model)}; seed {_e(seed)}"
-             f"{'' if finished else '; <b>not finished</b> (no results.json)'}</p>"]
     sizes = res.get("sizes") or (cfg.get("resolved") or {}).get("sizes") or {}
-    summary_rows = [
+    best = res.get("best_step")
+    summary = [
         ["splits (train/dev/test)", f"{sizes.get('train', '?')}/{sizes.get('dev', '?')}/{sizes.get('test', '?')}"],
         ["prompt-step sizes (bootstrap/select)", "/".join(str(x) for x in res.get("prompt_sizes") or []) or "–"],
-        ["dev score of the returned program", _fmt(res.get("dev_score"))],
-        ["returned step", "–" if res.get("best_step") is None else str(res["best_step"] + first)],
-        ["test score", _fmt(res.get("test_score"))],
-        ["zero-shot test score", _fmt(res.get("zero_shot_test_score"))],
+        ["dev score of the returned program", fmt(res.get("dev_score"))],
+        ["returned step", "–" if best is None else str(best + first)],
+        ["test score", fmt(res.get("test_score"))],
+        ["zero-shot test score", fmt(res.get("zero_shot_test_score"))],
         ["fixed / broken test examples", f"{res.get('fixed', '–')} / {res.get('broken', '–')}"],
-        ["steps' wall time, s", _fmt(res.get("optimize_s", sum(h.get("wall_s") or 0 for h in history)), 0)],
+        ["test failures (returned program)", failures_text(res.get("test_failures")) if res else "–"],
+        ["zero-shot test failures", failures_text((base or {}).get("failures")) if base else "–"],
     ]
-    parts += ["<h2>Summary</h2>", "<table>" + "".join(
-        f"<tr><th>{_e(k)}</th><td class='num'>{_e(v)}</td></tr>" for k, v in summary_rows) + "</table>"]
-    for note in res.get("notes") or []:
-        parts.append(f"<p class='muted'>note: {_e(note)}</p>")
-
-    parts.append("<h2>Scores after each step</h2>")
-    if history:
-        xs = [number[id(h)] for h in history]
-        labels = [f"{number[id(h)]}: {h['kind']}" for h in history]
-        fig, ax = plt.subplots(figsize=(7.5, 3.6))
-        ax.plot(xs, [h.get("val_score") for h in history], "o-", label="dev (validation) after the step")
-        inner = [h.get("inner_score") for h in history]
-        if any(v is not None for v in inner):
-            ax.plot(xs, [v if v is not None else float("nan") for v in inner], "s--", alpha=0.7,
-                    label="the step's own selection score")
-        if res.get("zero_shot_test_score") is not None:
-            ax.axhline(res["zero_shot_test_score"], color="grey", ls=":", label="zero-shot, test")
-        if res.get("test_score") is not None and res.get("best_step") is not None:
-            ax.plot([res["best_step"] + first], [res["test_score"]], "*", ms=14, color="C3", label="returned program, test")
-        ax.set_xticks(xs, labels)
-        ax.set_ylabel("score %")
-        ax.set_ylim(-3, 103)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-        parts.append(_img(fig, "scores after each step"))
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.2))
-        a1.bar(labels, [h.get("wall_s") or 0 for h in history], color="C0")
-        a1.set_title("wall time per step, s", fontsize=10)
-        a2.bar(labels, [_tokens(h.get("usage")) for h in history], color="C1")
-        a2.set_title("tokens per step (prompt + output)", fontsize=10)
-        parts += ["<h2>Time and tokens per step</h2>", _img(fig, "time and tokens per step")]
-        rows = [[number[id(h)], h["kind"], h.get("status"), h.get("val_score"), h.get("inner_score"),
-                 round(h.get("wall_s") or 0.0, 1), (h.get("usage") or {}).get("calls", 0), _tokens(h.get("usage")),
-                 h.get("train_examples") if h["kind"] == "w" else "–", _short(h.get("detail", ""), 160)]
-                for h in history]
-        parts.append(_table(["step", "kind", "status", "dev %", "inner %", "wall s", "LM calls", "tokens",
-                             "SFT examples", "detail"], rows, numeric={0, 3, 4, 5, 6, 7, 8}))
-    else:
-        parts.append("<p class='muted'>no optimization steps (a zero-shot run, or none finished yet)</p>")
-    parts += ["<h2>Returned program: instructions and demos</h2>",
-              "<p class='muted'>final/program.json: the step with the best dev score (ties: the later step)</p>",
-              _program_html(run_dir)]
-    parts += ["<h2>Test examples fixed and broken</h2>", _changes_html(run_dir, max_examples)]
-
-    md = [f"# {task_label(task)}: {strategy} (model {model}, seed {seed})", ""]
-    if history:
-        md += ["| step | kind | status | dev % | wall s | tokens |", "|---|---|---|---|---|---|"]
-        md += [f"| {number[id(h)]} | {h['kind']} | {h.get('status')} | {_fmt(h.get('val_score'))} | "
-               f"{(h.get('wall_s') or 0):.0f} | {_tokens(h.get('usage'))} |" for h in history]
-        md.append("")
-    if finished:
-        md.append(f"test {_fmt(res.get('test_score'))}% (zero-shot {_fmt(res.get('zero_shot_test_score'))}%) "
-                  f"on {res.get('test_n')} examples: {res.get('fixed')} fixed, {res.get('broken')} broken.")
-    else:
-        md.append("not finished: no results.json")
-    md += _program_md(run_dir)
-    return "\n".join(parts), "\n".join(md) + "\n"
+    labels = [f"{first + i}: {h['kind']}" for i, h in enumerate(history)]
+    losses = loss_parts(run_dir, history)
+    figures = {"scores": None, "costs": None, "loss": None}
+    if plots and history:
+        returned = (best + first, res["test_score"]) if best is not None and res.get("test_score") is not None else None
+        figures = {
+            "scores": report_plots.run_scores(list(range(first, first + len(history))), labels,
+                                              [h.get("val_score") for h in history],
+                                              [h.get("inner_score") for h in history],
+                                              res.get("zero_shot_test_score"), returned),
+            "costs": report_plots.run_costs(labels, [h.get("wall_s") or 0.0 for h in history],
+                                            [tokens(h.get("usage")) for h in history]),
+            "loss": report_plots.loss_curves([(f"step {x['step']} · {x['adapter']}", x["losses"]) for x in losses]),
+        }
+    times = time_rows(res, base)
+    return {
+        "title": f"{task_label(task)}: {res.get('strategy') or plan.get('strategy') or cfg.get('strategy', '?')}",
+        "run_dir": str(run_dir), "model": res.get("model") or cfg.get("model", "?"),
+        "seed": res.get("seed", cfg.get("seed")), "finished": bool(res), "summary": summary,
+        "notes": res.get("notes") or [], "times": times, "settings": setting_rows(cfg, ("resolved",)),
+        "steps": step_rows(history), "step_header": STEP_HEADER, "history": history,
+        "candidates": candidate_parts(history), "losses": losses, "loss_header": LOSS_HEADER,
+        "figures": figures, "program": program_parts(run_dir), "changes": change_parts(run_dir, max_examples),
+        "res": res, "time_line": ", ".join(f"{r[0]} {r[1]} s" for r in times if r[1] != "–"),
+    }

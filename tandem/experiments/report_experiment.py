@@ -1,12 +1,13 @@
-"""``tandem report OUT`` for an experiment: the results table, then per (task, model) its plots,
-intervals and paired tests, runs, final programs and fixed / broken examples (``report.py`` has the rest).
+"""``tandem report OUT`` for an experiment: the results table (from the numbers, not from table.md), the
+settings and time, then per (task, model) its plots, intervals and paired tests, and each run's details
+(steps, candidates, losses, final program, fixed / broken examples); ``report.py`` has the rest.
 
 - ``score_plots``: validation score after each step (mean over runs, min–max
   band; step 0 is the starting program: a run's ``start`` history record, or
   the zero-shot strategy's dev score) and each strategy's test score with its
   95% t-interval over runs (the ``statistics`` section's).
 - ``cost_plots``: mean wall time and tokens of each strategy step.
-- ``stats_html``: the strategies' intervals (test and dev) and the paired tests.
+- ``results_tables``: Table 1 as data (ours per model, the paper's), for the template.
 
 A run's history may start with a record of kind ``start`` (the given program
 scored on dev before any step): it is step 0, never a strategy step.
@@ -14,15 +15,13 @@ scored on dev before any step): it is step 0, never a strategy step.
 
 from __future__ import annotations
 
-import html
 import statistics
 from pathlib import Path
 
 from tandem.experiments.grid import load_results
-from tandem.experiments.paper import task_label
-from tandem.experiments.report import (
-    _changes_html, _e, _fmt, _img, _md_to_html, _program_html, _pyplot, _table, _tokens, step_offset,
-)
+from tandem.experiments.paper import PAPER_MODELS, normalize_strategy, paper_cell, task_label
+from tandem.experiments.report import fmt, run_context, setting_rows, step_offset, tokens
+from tandem.experiments.report_plots import png, pyplot
 from tandem.experiments.table import PAIRED_NOTE, ci_text, paired_rows, run_seconds, table_markdown
 
 
@@ -38,7 +37,7 @@ def _by_step(runs: list[dict]) -> dict[int, list[float]]:
     return out
 
 
-def score_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str, stats: dict | None) -> str:
+def score_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str, stats: dict | None) -> dict:
     """Left: dev score after each step (mean, band min..max, dots per run). Right: test, mean [95% CI]."""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.9), gridspec_kw={"width_ratios": [1.25, 1]})
     zero = [c["dev_score"] for c in by_s.get("zero-shot", []) if c.get("dev_score") is not None]
@@ -86,12 +85,12 @@ def score_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str, stat
     a2.set_ylabel("test score % (mean, 95% CI; dots: runs)")
     a2.grid(alpha=0.3, axis="y")
     a2.set_title(f"{title}: test", fontsize=10)
-    return _img(fig, f"{title} scores")
+    return png(fig, f"{title} scores")
 
 
-def cost_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str) -> str:
+def cost_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str) -> dict | None:
     """Mean wall time and tokens of each step of each strategy (over runs; not the start), as bars."""
-    labels, times, tokens, cols = [], [], [], []
+    labels, times, toks, cols = [], [], [], []
     for s, runs in by_s.items():
         if s == "zero-shot":
             continue
@@ -100,122 +99,141 @@ def cost_plots(plt, by_s: dict[str, list[dict]], colors: dict, title: str) -> st
             at = [h[i] for h in steps if len(h) > i]
             labels.append(f"{s}  ·  step {i + 1} ({at[0]['kind']})")
             times.append(statistics.fmean(h.get("wall_s") or 0.0 for h in at))
-            tokens.append(statistics.fmean(_tokens(h.get("usage")) for h in at))
+            toks.append(statistics.fmean(tokens(h.get("usage")) for h in at))
             cols.append(colors[s])
     if not labels:
-        return ""
+        return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.8 + 0.32 * len(labels)), sharey=True)
     ys = list(range(len(labels)))[::-1]  # first strategy on top
-    for ax, vals, what in ((a1, times, "wall time per step, s"), (a2, tokens, "tokens per step (prompt + output)")):
+    for ax, vals, what in ((a1, times, "wall time per step, s"), (a2, toks, "tokens per step (prompt + output)")):
         ax.barh(ys, vals, color=cols)
         ax.set_title(f"{what}, mean over runs", fontsize=9)
         ax.grid(alpha=0.3, axis="x")
         ax.tick_params(axis="x", labelsize=8)
     a1.set_yticks(ys, labels, fontsize=8)
-    return _img(fig, f"{title} time and tokens")
+    return png(fig, f"{title} time and tokens")
 
 
-def _rows_html(header: list[str], rows: list[list[str]]) -> str:
-    e = html.escape
-    return ("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"
-            + "".join("<tr>" + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>" for r in rows) + "</table>")
+def results_tables(doc: dict) -> dict:
+    """Table 1 as data: per model the strategies' test intervals (the best mean marked) and mean times per
+    run, and the paper's numbers. table.md says the same in markdown (``table.table_markdown``)."""
+    exp, stats, entries = doc["experiment"], doc.get("statistics") or {}, doc["cells"]
+    tasks = [Path(t).stem for t in exp["tasks"]]
+    strategies = [normalize_strategy(s) for s in exp["strategies"]]
+    ok = [e for e in entries if e.get("status") == "ok"]
+    counts = {s: sum(1 for e in entries if e.get("status") == s) for s in ("ok", "partial", "pending", "failed")}
+    sizes: dict[str, set] = {}
+    for e in ok:
+        sz = e.get("sizes") or {}
+        sizes.setdefault(e["task"], set()).add(f"{sz.get('train')}/{sz.get('dev')}/{sz.get('test')}")
+    ours = []
+    for model in exp["models"]:
+        mine = {t: ((stats.get(t) or {}).get(model) or {}).get("strategies") or {} for t in tasks}
+        best = {t: max((v["test_mean"] for v in mine[t].values()), default=None) for t in tasks}
+        rows, times = [], []
+        for s in strategies:
+            cells = []
+            for t in tasks:
+                v = mine[t].get(s)
+                cells.append({"text": ci_text(v["test_mean"], v["test_ci95"], v["runs"]) if v else "–",
+                              "best": bool(v) and best[t] is not None and abs(v["test_mean"] - best[t]) < 1e-9})
+            rows.append({"strategy": s, "cells": cells})
+            secs = [[run_seconds(e) for e in ok if e["model"] == model and e["strategy"] == s and e["task"] == t]
+                    for t in tasks]
+            times.append([s, *(fmt(statistics.fmean(x), 0 if statistics.fmean(x) >= 10 else 1) if x else "–"
+                               for x in secs)])
+        ours.append({"model": model, "rows": rows, "times": times})
+    known = [t for t in tasks if any(paper_cell(s, t) for s in strategies)]
+    paper = [[s, *(" / ".join("–" if v is None else f"{v:.1f}" for v in cell) if (cell := paper_cell(s, t))
+                   else "not in paper" for t in known)] for s in strategies]
+    return {
+        "counts": (f"Runs: {counts['ok']} finished, {counts['partial']} partial, {counts['pending']} pending, "
+                   f"{counts['failed']} failed (of {len(entries)}). Seeds: {exp['seeds']}. Data splits (seeds): "
+                   f"{sorted({e.get('split_seed', e.get('seed')) for e in entries}, key=str)}."),
+        "sizes": "; ".join(f"{task_label(t)} {', '.join(sorted(v))}" for t, v in sizes.items()),
+        "header": ["strategy", *(task_label(t) for t in tasks)], "ours": ours,
+        "paper_models": " / ".join(PAPER_MODELS), "paper_header": ["strategy", *(task_label(t) for t in known)],
+        "paper": paper if known else None,
+        "failed": [f"{e['task']} / {e['model']} / {e['strategy']} / data split {e.get('split_seed', '–')} / "
+                   f"seed {e['seed']}: {e.get('error', '')}" for e in entries if e.get("status") == "failed"],
+    }
 
 
-def stats_html(stats: dict | None) -> str:
-    """The (task, model)'s intervals per strategy and its paired tests, as HTML tables."""
+def _stats(stats: dict | None) -> dict | None:
+    """The (task, model)'s intervals per strategy and its paired tests, as rows for the template."""
     if not stats:
-        return "<p class='muted'>no statistics (no finished runs)</p>"
+        return None
     rows = [[s, ci_text(v["test_mean"], v["test_ci95"], v["runs"]), ci_text(v["dev_mean"], v["dev_ci95"], v["runs"])]
             for s, v in stats.get("strategies", {}).items()]
-    parts = ["<p class='muted'>Mean [95% CI] over runs (Student-t; n: runs, optimizer seeds x data splits).</p>",
-             _rows_html(["strategy", "test %", "dev %"], rows)]
-    if stats.get("comparisons"):
-        header, prow = paired_rows(stats["comparisons"])
-        best = stats.get("best_combined")
-        parts += [f"<p class='muted'>{html.escape(PAIRED_NOTE)}"
-                  + (f" Best combined strategy (highest mean dev score): {html.escape(best)}." if best else "")
-                  + "</p>", _rows_html(header, prow)]
-    return "".join(parts)
+    header, paired = paired_rows(stats["comparisons"]) if stats.get("comparisons") else ([], [])
+    best = stats.get("best_combined")
+    note = PAIRED_NOTE + (f" Best combined strategy (highest mean dev score): {best}." if best else "")
+    return {"rows": rows, "paired_header": header, "paired": paired, "note": note}
 
 
-def experiment_report(out: Path, max_examples: int) -> tuple[str, str]:
-    """The HTML body and the markdown summary of an experiment's out folder."""
-    plt = _pyplot()
+def _times(doc: dict, cells: list[dict]) -> list[list[str]]:
+    loads = doc.get("model_load_s") or {}
+    run_s = sum(c.get("wall_s") or 0.0 for c in cells)
+    rows = [[f"model load, {m}", fmt(v), "loading the model and starting its engine, once for all its runs "
+                                         "(this session's; an earlier session's runs were skipped)"]
+            for m, v in loads.items()]
+    rows += [["steps, all runs", fmt(round(sum(run_seconds(c) for c in cells), 1)),
+              "the finished runs' steps (validation included; zero-shot: its evaluation)"],
+             ["runs, all", fmt(round(run_s, 1)), "each finished run's own time (steps, test evaluations, saving)"],
+             ["total", fmt(round(run_s + sum(loads.values()), 1)), "model loads + the runs: about the grid's wall "
+                                                                   "time when one session ran every run"]]
+    return rows
+
+
+def experiment_context(out: Path, max_examples: int) -> dict:
+    """What the experiment templates show, and the markdown summary's parts."""
+    plt = pyplot()
     doc = load_results(out)
     exp = doc["experiment"]
-    table = table_markdown(doc)
     cells = [c for c in doc["cells"] if c.get("status") == "ok"]
     strategies = list(dict.fromkeys(c["strategy"] for c in doc["cells"]))
     tasks = list(dict.fromkeys(c["task"] for c in doc["cells"]))
     models = list(dict.fromkeys(c["model"] for c in doc["cells"]))
-    parts = [f"<h1>Experiment {_e(out)}</h1>",
-             f"<p class='muted'>tasks {_e(', '.join(tasks))}; models {_e(', '.join(models))}; "
-             f"seeds {_e(exp.get('seeds'))}; data seeds {_e(exp.get('data_seeds') or 'one split')}; "
-             f"config {_e(exp.get('source') or '–')}</p>",
-             # without its title; the paired tests come in each task's section
-             "<h2>Results table</h2>", _md_to_html(_without_paired(table.split("\n", 1)[1]))]
-    md = [table]
     colors = {s: f"C{i % 10}" for i, s in enumerate(strategies)}
-
+    many_splits = len(exp.get("data_seeds") or []) > 1
+    sections = []
     for model in models:
         for task in tasks:
             mine = [c for c in cells if c["model"] == model and c["task"] == task]
             head = f"{task_label(task)} · {model}"
-            parts.append(f"<h2>{_e(head)}</h2>")
-            if not mine:
-                parts.append("<p class='muted'>no finished runs yet</p>")
-                continue
             by_s = {s: [c for c in mine if c["strategy"] == s] for s in strategies}
-            by_s = {s: v for s, v in by_s.items() if v}
+            by_s = {s: sorted(v, key=_run_key) for s, v in by_s.items() if v}
             stats = ((doc.get("statistics") or {}).get(task) or {}).get(model)
-            parts += ["<h3>Scores after each step</h3>",
-                      "<p class='muted'>Left: the validation (dev) score after each step, mean over runs with "
-                      "the min–max band; step 0 is the starting (zero-shot) program. Right: the returned "
-                      "program's test score, mean and 95% CI over runs, one dot per run.</p>",
-                      score_plots(plt, by_s, colors, head, stats),
-                      "<h3>Intervals and paired tests</h3>", stats_html(stats)]
-            cost = cost_plots(plt, by_s, colors, head)
-            if cost:
-                parts += ["<h3>Time and tokens per step</h3>", cost]
-            # fixed / broken per strategy and seed
-            rows, md_rows = [], []
-            for s, runs in by_s.items():
-                for c in sorted(runs, key=_run_key):
-                    rows.append([s, c.get("split_seed", "–"), c["seed"], c.get("dev_score"), c.get("test_score"),
-                                 c.get("zero_shot_test_score"), c.get("fixed"), c.get("broken"),
-                                 round(run_seconds(c), 1)])
-                fixed = [c.get("fixed") or 0 for c in runs]
-                broken = [c.get("broken") or 0 for c in runs]
-                md_rows.append(f"- {task_label(task)} / {model} / {s}: fixed {statistics.fmean(fixed):.1f}, "
-                               f"broken {statistics.fmean(broken):.1f} test examples per run (n={len(runs)})")
-            parts += ["<h3>Runs</h3>", _table(["strategy", "data split", "seed", "dev %", "test %", "zero-shot test %",
-                                               "fixed", "broken", "time s"], rows, numeric={1, 2, 3, 4, 5, 6, 7, 8})]
-            md += [f"## {head}: fixed / broken vs zero-shot", *md_rows, ""]
-            parts.append("<h3>Final programs and fixed / broken examples</h3>")
-            for s, runs in by_s.items():
-                for c in sorted(runs, key=_run_key):
-                    run_dir = Path(c["run_dir"])
-                    split = f" · data split {c['split_seed']}" if len(exp.get("data_seeds") or []) > 1 else ""
-                    parts.append(
-                        f"<details><summary>{_e(s)}{_e(split)} · seed {c['seed']} · test {_fmt(c.get('test_score'))}% · "
-                        f"{c.get('fixed', '–')} fixed / {c.get('broken', '–')} broken</summary>"
-                        f"<p class='muted'>run directory {_e(run_dir)}</p>"
-                        f"<h4>Instructions and demos</h4>{_program_html(run_dir)}"
-                        f"<h4>Fixed and broken test examples</h4>{_changes_html(run_dir, max_examples)}</details>")
-    return "\n".join(parts), "\n".join(md) + "\n"
+            runs, rows, fixed_broken = [], [], []
+            for s, rs in by_s.items():
+                for c in rs:
+                    rows.append([s, c.get("split_seed", "–"), c["seed"], fmt(c.get("dev_score")),
+                                 fmt(c.get("test_score")), fmt(c.get("zero_shot_test_score")), c.get("fixed"),
+                                 c.get("broken"), fmt(round(run_seconds(c), 1))])
+                    split = f" · data split {c['split_seed']}" if many_splits else ""
+                    runs.append({"label": f"{s}{split} · seed {c['seed']} · test {fmt(c.get('test_score'))}% · "
+                                          f"{c.get('fixed', '–')} fixed / {c.get('broken', '–')} broken",
+                                 **run_context(Path(c["run_dir"]), max_examples, plots=False)})
+                fixed_broken.append(
+                    f"{task_label(task)} / {model} / {s}: fixed {statistics.fmean(c.get('fixed') or 0 for c in rs):.1f}"
+                    f", broken {statistics.fmean(c.get('broken') or 0 for c in rs):.1f} test examples per run "
+                    f"(n={len(rs)})")
+            sections.append({
+                "head": head, "empty": not mine, "stats": _stats(stats), "rows": rows, "runs": runs,
+                "fixed_broken": fixed_broken,
+                "scores": score_plots(plt, by_s, colors, head, stats) if mine else None,
+                "cost": cost_plots(plt, by_s, colors, head) if mine else None,
+            })
+    return {
+        "out": str(out), "tasks": ", ".join(tasks), "models": ", ".join(models), "seeds": exp.get("seeds"),
+        "data_seeds": exp.get("data_seeds") or "one split", "source": exp.get("source") or "–",
+        "results": results_tables(doc), "table_md": table_markdown(doc), "sections": sections,
+        "settings": setting_rows({k: v for k, v in exp.items() if k != "per_task"}, ("settings",))
+        + setting_rows({"per_task": exp["per_task"]} if exp.get("per_task") else {}, ("per_task",)),
+        "times": _times(doc, cells),
+    }
 
 
 def _run_key(c: dict) -> tuple:
     split = c.get("split_seed")
     return (split if isinstance(split, int) else -1, c["seed"])
-
-
-def _without_paired(md: str) -> str:
-    """table.md without its "### Paired tests" subsections."""
-    out, skip = [], False
-    for line in md.splitlines():
-        if line.startswith("#"):
-            skip = line.startswith("### Paired tests")
-        if not skip:
-            out.append(line)
-    return "\n".join(out)
