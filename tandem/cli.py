@@ -1,4 +1,4 @@
-"""The ``tandem`` command.
+"""The ``tandem`` command: evaluate, optimize, compare, report and serve LM programs.
 
     tandem eval iris --model smollm2-135m --split dev
     tandem eval --program runs/iris-pwp-s0 --split test --json records.json
@@ -9,7 +9,8 @@
     tandem report runs/exp-iris
     tandem serve runs/iris-pwp-s0 --port 8000
 
-Library code logs; progress bars, tables and colour live here.
+Library code logs; what the command prints (errors, progress, tables) is in
+``tandem.cli_output``.
 """
 
 from __future__ import annotations
@@ -20,25 +21,25 @@ import logging
 import sys
 import time
 from contextlib import contextmanager
-from typing import Iterator
 
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-console = Console(stderr=True)
+from tandem import __version__
+from tandem.cli_output import chosen_text, console, error, note, progress, result_table, steps_table, stdout
 
+__all__ = ["build_parser", "error", "main", "note", "positive_int"]
 
-def error(message: object) -> None:
-    """Print ``error: <message>`` on one line (not wrapped), the message literally: a ``[lora]`` in it
-    is text, not a markup tag."""
-    console.print(f"[red]error:[/] {escape(str(message))}", soft_wrap=True)
+DESCRIPTION = """\
+Make an LM program better by optimizing its prompts (instructions and few-shot
+demos) and its weights (a LoRA adapter) in alternation (BetterTogether), on a
+laptop CPU or on GPUs and inference servers."""
+EPILOG = """examples:
+  tandem eval iris --split dev
+  tandem optimize iris --strategy "p -> w -> p" --seed 0
+  tandem compare runs/iris-p-s0 runs/iris-pwp-s0
+  tandem experiment examples/iris_table.toml
 
-
-def note(message: object, label: str = "note") -> None:
-    """Print ``<label>: <message>`` (yellow label) on one line, the message literally."""
-    console.print(f"[yellow]{label}:[/] {escape(str(message))}", soft_wrap=True)
+Run tandem COMMAND --help for a command's options; README.md has the rest."""
 
 
 def positive_int(text: str) -> int:
@@ -50,20 +51,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
-
-
-@contextmanager
-def progress_bar(label: str) -> Iterator:
-    with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        console=console, transient=False,
-    ) as bar:
-        task_id = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task_id, completed=done, total=total)
-
-        yield update
 
 
 def _quiet_engines() -> None:
@@ -98,20 +85,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
             for lm in lms:
                 lm.start()
         console.print(f"model ready in {time.perf_counter() - t0:.1f} s")
-        with progress_bar("evaluating") as update:
-            result = evaluate(program, data, task.metric, num_threads=args.threads, progress=update)
+        with progress() as update:
+            result = evaluate(program, data, task.metric, num_threads=args.threads,
+                              progress=lambda done, total: update("evaluating", done, total))
     finally:
         for lm in lms:
             lm.close()
-    table = Table(title=f"{task.name} / {args.split} / {model}")
-    for col in ("score %", "correct", "n", "failed", "wall s", "LM calls", "cached", "prompt tok", "output tok"):
-        table.add_column(col, justify="right")
-    u = result.usage
-    table.add_row(
-        f"{result.score:.1f}", f"{result.correct:g}", str(result.n), str(result.n_failed),
-        f"{result.wall_s:.1f}", str(u.calls), str(u.cached_calls), str(u.prompt_tokens), str(u.output_tokens),
-    )
-    Console().print(table)
+    stdout().print(result_table(result, f"{task.name} / {args.split} / {model}"))
     if result.failures:
         console.print("failures by kind: " + ", ".join(f"{k}={v}" for k, v in sorted(result.failures.items())))
         first = next(r for r in result.records if r.failure)
@@ -121,47 +101,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             json.dump(result.to_dict(), fh, indent=1, default=str)
         console.print(f"records written to {args.json}")
     return 0
-
-
-class StepProgress:
-    """One bar per phase label ("bootstrap", "candidates", "training", ...), for optimizer callbacks."""
-
-    def __init__(self, bar: Progress, prefix: str = "") -> None:
-        self.bar, self.prefix, self.tasks = bar, prefix, {}
-
-    def __call__(self, label: str, done: int, total: int) -> None:
-        key = self.prefix + label
-        if key not in self.tasks:
-            self.tasks[key] = self.bar.add_task(key, total=total or None)
-        self.bar.update(self.tasks[key], completed=done, total=total or None)
-
-
-def steps_table(history, title: str) -> Table:
-    table = Table(title=title)
-    for col in ("step", "kind", "status", "val %", "inner %", "wall s", "LM calls", "tokens", "SFT ex", "detail"):
-        table.add_column(col, justify="left" if col in ("kind", "status", "detail") else "right")
-    for r in history:  # BetterTogether's history[0] is the start (the given program), steps are 1..n
-        u = r.usage or {}
-        table.add_row(
-            str(r.index), r.kind, r.status,
-            "-" if r.val_score is None else f"{r.val_score:.1f}",
-            "-" if r.inner_score is None else f"{r.inner_score:.1f}",
-            f"{r.wall_s:.0f}", str(u.get("calls", 0)),
-            str(u.get("prompt_tokens", 0) + u.get("output_tokens", 0)),
-            str(r.train_examples) if r.kind == "w" else "-", escape(r.detail[:70]),
-        )
-    return table
-
-
-def chosen_text(summary: dict, history) -> str:
-    """Which program a run returned: a step's, the start (history index 0), or the program as it is."""
-    best, dev = summary["best_step"], summary["dev_score"]
-    if best is None:
-        return f"the program as it is (dev {dev:.1f})"
-    if best == 0:
-        return f"the start, the given program (dev {dev:.1f}; every step scored lower)"
-    kind = history[best].kind if best < len(history) else "?"
-    return f"step {best} ({kind}, dev {dev:.1f})"
 
 
 def cmd_optimize(args: argparse.Namespace) -> int:
@@ -186,10 +125,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         lm.start()
     load_s = time.perf_counter() - t0
     try:
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console) as bar:
-            summary = run_cell(cfg, lm, StepProgress(bar), resume=args.resume, run_dir=run_dir, shared=shared,
-                               info=note)
+        with progress() as update:
+            summary = run_cell(cfg, lm, update, resume=args.resume, run_dir=run_dir, shared=shared, info=note)
     finally:
         lm.close()
     total_s = time.perf_counter() - t0
@@ -198,12 +135,13 @@ def cmd_optimize(args: argparse.Namespace) -> int:
         summary["engines"] = sys.modules["tandem.lm.vllm"].engine_stats()
     write_json(run_dir / "results.json", summary)
     history = [StepRecord.from_dict(r) for r in summary["history"]]
+    out = stdout()
     if history:
-        Console().print(steps_table(history, f"{task.name}: {cfg.strategy} (seed {cfg.seed})"))
+        out.print(steps_table(history, f"{task.name}: {cfg.strategy} (seed {cfg.seed})"))
     if history and history[0].kind == "start":
-        Console().print(f"start  dev {history[0].val_score:.1f}  (the given program, before any step)")
+        out.print(f"start  dev {history[0].val_score:.1f}  (the given program, before any step)")
     chosen = chosen_text(summary, history)
-    Console().print(
+    out.print(
         f"returned program: {chosen}; [bold]test {summary['test_score']:.1f}%[/] on {summary['test_n']} examples "
         f"(zero-shot {summary['zero_shot_test_score']:.1f}%: {summary['fixed']} fixed, {summary['broken']} broken); "
         f"total {total_s:.0f} s; saved to {escape(str(run_dir / 'final'))}"
@@ -232,9 +170,8 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     @contextmanager
     def progress_for(cell):
         console.rule(escape(f"[{position[cell.label]}/{len(cells)}] {cell.label}"))
-        with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                      TimeElapsedColumn(), console=console, transient=True) as bar:
-            yield StepProgress(bar)
+        with progress(transient=True) as update:
+            yield update
 
     def on_cell(cell, summary):
         if summary.get("status") == "ok":
@@ -258,16 +195,15 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Two saved programs on the same examples: scores, fixed/broken, paired test (``tandem.compare``)."""
     from tandem.compare import compare_saved, summary_lines
 
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console) as bar:
+    with progress(prefix="evaluating ") as update:
         c = compare_saved(args.a, args.b, task=args.task, split=args.split, data=args.data, seed=args.seed,
                           config=args.config, overrides=args.set, limit=args.limit,
                           lm_options={"cache": False} if args.no_cache else None, threads=args.threads,
-                          progress=StepProgress(bar, "evaluating "))
+                          progress=update)
     for line in c.notes:
         note(line)
     for line in summary_lines(c):
-        Console(soft_wrap=True).print(escape(line))
+        stdout().print(line, markup=False, soft_wrap=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(c.to_dict(), fh, indent=1, default=str)
@@ -300,13 +236,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 SPLIT_CHOICES = ("train", "dev", "test", "all")
-DATA_HELP = ("data file or folder, relative to the current directory (default: iris bundled; "
+DATA_HELP = ("data file or folder (iris: a CSV, or a folder with iris.csv or one CSV; gsm8k/hotpotqa: "
+             "train.jsonl or its folder), relative to the current directory (default: iris bundled; "
              "gsm8k/hotpotqa: ../shared/data/<task>; a task file's own)")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Shows an option's default, ``(default: X)``, unless its help speaks of the default already or
+    there is none to show (None, off, an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text
+                or action.default in (None, False, [], argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def verbose_option(p: argparse.ArgumentParser, top: bool = False) -> None:
+    """``-v`` before the command (``top``) or anywhere after it: a command's own -v sets the value only
+    when given, so it does not undo one given before the command."""
+    p.add_argument("-v", "--verbose", action="store_true", default=False if top else argparse.SUPPRESS,
+                   help="log progress of the library and engines")
 
 
 def data_options(p: argparse.ArgumentParser, split: str, json_help: str) -> None:
     """The options of eval and compare that choose the examples, and how they run."""
-    p.add_argument("--split", default=split, choices=SPLIT_CHOICES, help=f"default {split}; all: every example")
+    p.add_argument("--split", default=split, choices=SPLIT_CHOICES,
+                   help="which examples: the task's train, dev or test split, or all: every example of the data")
     p.add_argument("--seed", type=int, default=None, help="seed of the data split (default: the run's, else 0)")
     p.add_argument("--data", default=None, help=DATA_HELP)
     p.add_argument("--config", default=None, help="TOML config file: its task, data, sizes (and model, format)")
@@ -318,12 +275,20 @@ def data_options(p: argparse.ArgumentParser, split: str, json_help: str) -> None
     p.add_argument("--json", default=None, help=json_help)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tandem", description=__doc__.split("\n\n")[0])
-    p.add_argument("-v", "--verbose", action="store_true", help="log progress of the library and engines")
-    sub = p.add_subparsers(dest="command", required=True)
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:  # noqa: A002 - argparse's word
+    """A command: its help also its description, defaults shown, ``-v`` accepted after it."""
+    parser = sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+    verbose_option(parser)
+    return parser
 
-    e = sub.add_parser("eval", help="evaluate a task's program, or a saved one, on a split or a data file")
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tandem", description=DESCRIPTION, epilog=EPILOG, formatter_class=HelpFormatter)
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    verbose_option(p, top=True)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    e = add_command(sub, "eval", help="evaluate a task's program, or a saved one, on a split or a data file")
     e.add_argument("task", nargs="?", default=None,
                    help="task name (e.g. iris) or task .py file; default: --config's, or the --program run's")
     e.add_argument("--program", default=None, metavar="DIR",
@@ -332,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(e, "dev", "write per-example records to this file")
     e.set_defaults(func=cmd_eval)
 
-    c = sub.add_parser("compare", help="two saved programs on the same examples: scores, fixed/broken, paired test")
+    c = add_command(sub, "compare", help="two saved programs on the same examples: scores, fixed/broken, paired test")
     c.add_argument("a", metavar="A", help="a saved program folder or run directory")
     c.add_argument("b", metavar="B", help="another one")
     c.add_argument("task", nargs="?", default=None,
@@ -340,12 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(c, "test", "write the comparison, with per-example records, to this file")
     c.set_defaults(func=cmd_compare)
 
-    o = sub.add_parser("optimize", help="optimize a program's prompts and weights (BetterTogether)")
+    o = add_command(sub, "optimize", help="optimize a program's prompts and weights (BetterTogether)")
     o.add_argument("task", nargs="?", default=None, help="task name or task .py file (or set it in --config)")
     o.add_argument("--config", default=None, help="TOML config file (see examples/)")
     o.add_argument("--strategy", default=None, help='e.g. "p -> w -> p" (default), "p", "w -> p"')
     o.add_argument("--model", default=None, help="[backend:]model (default smollm2-135m)")
-    o.add_argument("--seed", type=int, default=None)
+    o.add_argument("--seed", type=int, default=None, help="the run's seed (default 0), also its data split's")
     o.add_argument("--run-dir", default=None, help="default runs/<task>-<strategy>-s<seed>")
     o.add_argument("--data", default=None, help=DATA_HELP)
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last finished step")
@@ -353,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config setting, e.g. --set lora.epochs=3 --set sizes=50,50,50")
     o.set_defaults(func=cmd_optimize)
 
-    x = sub.add_parser("experiment", help="run tasks x models x strategies x seeds; write results.json and table.md")
+    x = add_command(sub, "experiment", help="run tasks x models x strategies x seeds; write results.json and table.md")
     x.add_argument("config", help="experiment TOML file (see examples/iris_table.toml)")
     x.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override: seeds=0,1 / tasks=iris / sizes=20,20,20 (every run) / "
@@ -361,16 +326,16 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dry-run", action="store_true", help="list the runs and which are finished; run nothing")
     x.set_defaults(func=cmd_experiment)
 
-    r = sub.add_parser("report", help="one self-contained HTML report of a run or an experiment")
+    r = add_command(sub, "report", help="one self-contained HTML report of a run or an experiment")
     r.add_argument("run_dir", help="a run directory (tandem optimize) or an experiment's out folder")
     r.add_argument("--out", default=None, help="HTML file (default RUN_DIR/report.html)")
     r.add_argument("--examples", type=int, default=8, help="fixed / broken examples shown per run")
     r.set_defaults(func=cmd_report)
 
-    v = sub.add_parser("serve", help="serve a saved program as an HTTP JSON API (docs/serving.md)")
+    v = add_command(sub, "serve", help="serve a saved program as an HTTP JSON API (docs/serving.md)")
     v.add_argument("path", metavar="RUN_DIR", help="a run directory (its final/ is served) or a saved program directory")
     v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 exposes it)")
-    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--port", type=int, default=8000, help="port to listen on")
     v.add_argument("--model-options", action="append", default=[], metavar="KEY=VALUE",
                    help="backend option, repeatable: --model-options tensor_parallel_size=2 "
                         "--model-options base_url=http://host:8000/v1 (values parse as JSON, else text)")

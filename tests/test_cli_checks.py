@@ -1,6 +1,6 @@
 """Bad input is a one-line error naming the setting, file or field, before any model loads.
 
-Issue #16, items D3, D4, D6, D8 and D9.
+Issue #16, items D3, D4, D5, D6, D7, D8, D9 and item 4 (the help and the options).
 
 Every test here replaces the LM factory with one that fails the test if it is
 called, and (for ``tandem optimize``) asserts that no run directory appeared.
@@ -8,7 +8,9 @@ called, and (for ``tandem optimize``) asserts that no run directory appeared.
 
 from __future__ import annotations
 
+import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -23,10 +25,12 @@ from tandem.tasks.iris import IrisClassifier
 
 from fakes import one_error_line  # noqa: E402  (the no_lm fixture is in conftest.py)
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
 
 # -- D3, D4: optimize settings are checked before the model loads and before the run directory --------
 @pytest.mark.parametrize("args, expected", [
-    (["--strategy", "p -> x"], ["unknown step 'x'", "'p -> x'", "known steps: p, w"]),
+    (["--strategy", "p -> x"], ["unknown step 'x'", "'p -> x'", "known steps: p, "]),
     (["--strategy", ""], ["empty step in strategy ''"]),
     (["--strategy", "p ->"], ["empty step in strategy 'p ->'"]),
     (["--set", "lora.rnak=32"], ["unknown [lora] setting(s) ['rnak']", "'rank'"]),  # D6: "[lora]" printed as is
@@ -156,3 +160,146 @@ def test_a_good_program_file_still_loads(tmp_path):
     lm = FakeLM("Species: setosa", name="m")
     program = tandem.load(directory, lms={"fake:m": lm})
     assert program.classify.lm is lm and program.classify.params.max_tokens == 128
+
+
+# -- D7: a bad setting, a binary data file, an unknown task: one plain line naming it -----------------
+@pytest.mark.parametrize("command", [
+    ["eval", "iris", "--model", "fakebackend:m"],
+    ["optimize", "iris", "--model", "fakebackend:m"],
+    ["experiment", str(EXAMPLES / "iris_table.toml"), "--dry-run"],
+])
+def test_a_setting_that_is_not_a_number_is_named(command, tmp_path, monkeypatch, capsys, no_lm):
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--set", "sizes=abc"]) == 2
+    line = one_error_line(capsys)
+    assert "`sizes`" in line and "three integers" in line and "'abc'" in line
+    assert "invalid literal" not in line and not (tmp_path / "runs").exists()
+
+
+def binary_file(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\xff\xfe" + bytes(range(256)))
+    return path
+
+
+@pytest.mark.parametrize("task, name, split", [("iris", "flowers.csv", "dev"), ("iris", "flowers.csv", "all"),
+                                               ("gsm8k", "train.jsonl", "dev")])
+def test_a_binary_data_file_is_one_line_naming_it(task, name, split, tmp_path, capsys, no_lm):
+    data = binary_file(tmp_path / name)
+    assert main(["eval", task, "--model", "fakebackend:m", "--data", str(data), "--split", split]) == 2
+    line = one_error_line(capsys)
+    assert str(data) in line and "not UTF-8 text" in line, line
+    assert "codec" not in line
+
+
+@pytest.mark.parametrize("command", [["eval", "nosuch"], ["optimize", "nosuch", "--run-dir", "run"]])
+def test_an_unknown_task_is_printed_plainly(command, tmp_path, monkeypatch, capsys, no_lm):
+    monkeypatch.chdir(tmp_path)
+    assert main(command) == 2
+    assert one_error_line(capsys) == "error: unknown task 'nosuch'; known tasks: ['gsm8k', 'hotpotqa', 'iris']"
+
+
+def test_an_unknown_task_message_is_plain_for_library_callers():
+    from tandem.tasks.registry import get_task
+
+    with pytest.raises(KeyError) as exc:  # still a KeyError for callers that catch one
+        get_task("nosuch")
+    assert str(exc.value) == "unknown task 'nosuch'; known tasks: ['gsm8k', 'hotpotqa', 'iris']"
+
+
+# -- D5: --data names a data file or a folder, as the help says -------------------------------------
+IRIS_CSV = "sepal_length,sepal_width,petal_length,petal_width,species\n" + "".join(
+    f"{5 + i % 3}.{i % 10},3.{i % 7},{1 + i % 5}.{i % 4},0.{i % 9},{('setosa', 'versicolor', 'virginica')[i % 3]}\n"
+    for i in range(30))
+
+
+def test_iris_data_may_be_a_folder_holding_the_csv(tmp_path):
+    from tandem.tasks.registry import get_task
+
+    task = get_task("iris")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "iris.csv").write_text(IRIS_CSV)
+    (tmp_path / "one" / "README.txt").write_text("not data")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "flowers.csv").write_text(IRIS_CSV)  # the folder's only CSV
+    by_file = task.load(data=tmp_path / "one" / "iris.csv", seed=0, sizes=(10, 10, 10))
+    for folder in ("one", "other"):
+        by_folder = task.load(data=str(tmp_path / folder), seed=0, sizes=(10, 10, 10))
+        assert {k: [dict(e) for e in v] for k, v in by_folder.items()} == \
+               {k: [dict(e) for e in v] for k, v in by_file.items()}
+        assert len(task.read(tmp_path / folder)) == 30
+
+
+@pytest.mark.parametrize("files, expected", [
+    ((), "holds no iris.csv and no *.csv file"),
+    (("a.csv", "b.csv"), "holds no iris.csv but 2 *.csv files (a.csv, b.csv)"),
+])
+def test_an_iris_folder_without_one_csv_is_one_line_naming_it(files, expected, tmp_path, capsys, no_lm):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in files:
+        (folder / name).write_text(IRIS_CSV)
+    for split in ("dev", "all"):
+        assert main(["eval", "iris", "--model", "fakebackend:m", "--data", str(folder), "--split", split]) == 2
+        line = one_error_line(capsys)
+        assert str(folder) in line and expected in line, line
+        assert "IsADirectoryError" not in line and "Errno" not in line
+
+
+def test_a_folder_where_a_data_file_belongs_is_named_as_a_folder(tmp_path):
+    from tandem.tasks.data import DataError, iter_records
+
+    with pytest.raises(DataError, match="a folder, not a data file"):
+        list(iter_records(tmp_path))
+
+
+# -- item 4: the help, --version, -v anywhere -------------------------------------------------------
+def subcommands(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_the_top_level_help_describes_tandem(capsys):
+    from tandem.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert "``" not in out and "The tandem command" not in out
+    assert "prompts" in out and "weights" in out and "tandem COMMAND --help" in out
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tandem {tandem.__version__}"
+
+
+@pytest.mark.parametrize("argv, verbose", [
+    (["eval", "iris"], False), (["-v", "eval", "iris"], True), (["eval", "iris", "-v"], True),
+    (["eval", "-v", "iris"], True), (["--verbose", "optimize", "iris"], True), (["serve", "run", "--verbose"], True),
+    (["experiment", "x.toml", "-v"], True), (["report", "run"], False), (["compare", "a", "b", "-v"], True),
+])
+def test_verbose_anywhere_on_the_line(argv, verbose):
+    from tandem.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is verbose
+
+
+def test_every_option_has_help_and_shows_its_default():
+    from tandem.cli import build_parser
+
+    for name, sub in subcommands(build_parser()).items():
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+        text = sub.format_help()
+        for action in sub._actions:
+            default = action.default
+            if action.option_strings and default not in (None, False, [], argparse.SUPPRESS):
+                assert f"default {default}" in text or f"default: {default}" in text, (name, action.dest, default)
+    helps = {name: sub.format_help() for name, sub in subcommands(build_parser()).items()}
+    assert "(default: 64)" in " ".join(helps["eval"].split())  # --threads
+    assert "(default: 8000)" in " ".join(helps["serve"].split())
+    assert "--split" in helps["eval"] and "which examples" in " ".join(helps["eval"].split())

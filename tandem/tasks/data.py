@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TypeVar
@@ -20,7 +21,8 @@ from tandem.tasks.errors import DataError
 
 T = TypeVar("T")
 
-__all__ = ["DataError", "Splits", "check_fields", "data_error", "iter_records", "read_records", "split"]
+__all__ = ["DataError", "Splits", "check_fields", "data_error", "data_file", "iter_records", "naming_file",
+           "read_records", "split"]
 
 
 def data_error(path: str | Path, line: int | None, message: str) -> DataError:
@@ -30,6 +32,42 @@ def data_error(path: str | Path, line: int | None, message: str) -> DataError:
     err = DataError(f"{where}: {message}")
     err.path, err.line, err.reason = str(path), line, message
     return err
+
+
+@contextmanager
+def naming_file(path: str | Path) -> Iterator[None]:
+    """Reading ``path`` inside this block: a file that is not UTF-8 text (a binary file, another
+    encoding) is a one-line ``DataError`` naming it, instead of a codec message that names nothing."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        byte = exc.object[exc.start:exc.start + 1].hex() if isinstance(exc.object, bytes) else "?"
+        raise data_error(path, None, f"not UTF-8 text (byte 0x{byte} at offset {exc.start}); a data file is "
+                                     "text (CSV or JSON Lines) in UTF-8") from None
+
+
+def data_file(path: str | Path, name: str, pattern: str) -> Path:
+    """The data file ``path`` names: ``path`` itself when it is not a folder (a missing path is
+    the loader's to report); in a folder, its ``name``, else its only file matching ``pattern``;
+    else a one-line ``DataError`` naming the folder and what it holds.
+
+    >>> data_file("iris.csv", "iris.csv", "*.csv")
+    PosixPath('iris.csv')
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    if (path / name).is_file():
+        return path / name
+    found = sorted(p for p in path.glob(pattern) if p.is_file())
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        held = f"no {name} and no {pattern} file"
+    else:
+        shown = ", ".join(p.name for p in found[:5]) + (", ..." if len(found) > 5 else "")
+        held = f"no {name} but {len(found)} {pattern} files ({shown})"
+    raise data_error(path, None, f"the folder holds {held}; pass the data file, or a folder holding {name}")
 
 
 @dataclass
@@ -133,8 +171,9 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, Any]]:
     """
     path = Path(path)
     if not path.is_file():
-        raise data_error(path, None, "no such file")
-    text = path.read_text(encoding="utf-8")
+        raise data_error(path, None, "a folder, not a data file" if path.is_dir() else "no such file")
+    with naming_file(path):
+        text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
         yield from _iter_json_array(text, path)
         return

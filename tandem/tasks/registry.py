@@ -104,12 +104,21 @@ def _sizes(sizes, default: tuple[int, int, int]) -> tuple[int, int, int]:
 
 
 def _iris() -> Task:
+    from tandem.tasks.data import data_file, naming_file
     from tandem.tasks.iris import IrisClassifier, iris_metric, load_iris, split_iris
 
-    def load(data=None, seed=0, sizes=None):
-        return split_iris(load_iris(data), seed=seed, sizes=_sizes(sizes, (50, 50, 50)))
+    def read(data=None):
+        """Every row: of scikit-learn's copy (None), a CSV file, or a folder's iris.csv (else its only CSV)."""
+        if data is None:
+            return load_iris()
+        path = data_file(data, "iris.csv", "*.csv")
+        with naming_file(path):
+            return load_iris(path)
 
-    return Task("iris", load, IrisClassifier, iris_metric, (50, 50, 50), (15, 35), read=load_iris)
+    def load(data=None, seed=0, sizes=None):
+        return split_iris(read(data), seed=seed, sizes=_sizes(sizes, (50, 50, 50)))
+
+    return Task("iris", load, IrisClassifier, iris_metric, (50, 50, 50), (15, 35), read=read)
 
 
 # GSM8K: the paper's 1000 / 500 / 1319; the local copy is the official train file only,
@@ -159,9 +168,16 @@ def register_task(name: str, factory: Callable[[], Task]) -> None:
     _FACTORIES[name] = factory
 
 
+class UnknownTaskError(KeyError):
+    """No task by that name. A KeyError whose ``str`` is the message itself, not its repr in quotes."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 def get_task(name: str) -> Task:
     if name not in _FACTORIES:
-        raise KeyError(f"unknown task {name!r}; known tasks: {sorted(_FACTORIES)}")
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {sorted(_FACTORIES)}")
     return _FACTORIES[name]()
 
 
