@@ -20,6 +20,17 @@ Run directory (besides BetterTogether's plan.json, history.json, steps/, final/)
 - ``results.json``: the summary, written last: a run directory with it is
   finished, one without it resumes from its last finished step.
 
+Resuming (``resume=True``, ``--resume``, every run of a grid) reuses
+finished steps only under the same settings: BetterTogether's plan.json
+records everything that changes a step's result, and ``run_cell`` adds the
+task, the data path, the split seed, the train and dev sizes and the model.
+A mismatch is a ``ResumeMismatch`` (one line, ``setting: was X, now Y``)
+raised before config.json or any other file is written and before the model
+runs. The test size is not among them: the steps never see the test split
+(if another test size changes the train or dev examples, their hashes
+differ). ``threads`` does not count. The summary's ``reused_steps`` lists the
+history indices that came from the run directory; ``info`` is told which.
+
 The summary's ``history`` is BetterTogether's: ``history[0]`` is the start
 (the given program on dev, ``kind="start"``), the strategy's steps are
 ``history[1..n]``; ``best_step`` is a history index (0: every step scored
@@ -154,15 +165,33 @@ def run_cell(
     sizes = {name: len(rows) for name, rows in splits.items()}
     zero_shot = is_zero_shot(cfg.strategy)
     ptrain, pval, note = prompt_sizes(task, cfg, sizes["train"])
-    if note and not zero_shot:
-        say(note)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_json(run_dir / "config.json", {**asdict(cfg), "run_dir": str(run_dir), "resolved": {
-        "sizes": sizes, "prompt_sizes": [ptrain, pval], "split_seed": cfg.split_seed(), "note": note}})
-
     program = task.make_program(data).set_lm(lm)
     if cfg.format is not None:
         program.set_format(cfg.format)
+    if not zero_shot:
+        bt = BetterTogether(
+            task.metric, strategy=cfg.strategy,
+            prompt_optimizer=RandomSearch(task.metric, num_candidates=cfg.num_candidates, max_demos=cfg.max_demos,
+                                          num_threads=cfg.threads),
+            weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads,
+                                               **cfg.weight_step_options(),
+                                               **({"trainer": trainer} if trainer is not None else {})),
+            splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
+        )
+        # What changes a step's result beyond what BetterTogether sees (test size: see the docstring).
+        step_settings = {"task": cfg.task, "data": cfg.data, "split_seed": cfg.split_seed(),
+                         "sizes": {"train": sizes["train"], "dev": sizes["dev"]}, "model": cfg.model}
+        # A resume with other settings is refused here, before config.json is overwritten.
+        bt.check_run_dir(program, trainset=splits["train"], valset=splits["dev"], seed=cfg.seed, resume=resume,
+                         settings=step_settings)
+        if note:
+            say(note)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / RESULTS).unlink(missing_ok=True)  # starting over: this run is not finished until it writes one
+    write_json(run_dir / "config.json", {**asdict(cfg), "run_dir": str(run_dir), "resolved": {
+        "sizes": sizes, "prompt_sizes": [ptrain, pval], "split_seed": cfg.split_seed(), "note": note}})
+
     t0 = time.perf_counter()
 
     def bar(label: str) -> Callable[[int, int], None] | None:
@@ -196,27 +225,19 @@ def run_cell(
         base_records, base_score, base = baseline()
         final_records, test_score = base_records, base_score
         test_failures, test_usage, test_wall = base["failures"], base["usage"], base["wall_s"]
-        dev_score, best, start_dev = dev.score, None, dev.score
+        dev_score, best, start_dev, reused = dev.score, None, dev.score, []
         save_program(program, run_dir / "final", seed=cfg.seed, extra={"strategy": ZERO_SHOT})
         usage_total = _add(dev.usage.to_dict(), test_usage)
     else:
-        bt = BetterTogether(
-            task.metric, strategy=cfg.strategy,
-            prompt_optimizer=RandomSearch(task.metric, num_candidates=cfg.num_candidates, max_demos=cfg.max_demos,
-                                          num_threads=cfg.threads),
-            weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads,
-                                               **cfg.weight_step_options(),
-                                               **({"trainer": trainer} if trainer is not None else {})),
-            splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
-        )
         result = bt.compile(program, trainset=splits["train"], valset=splits["dev"], seed=cfg.seed,
-                            resume=resume, progress=progress)
+                            resume=resume, progress=progress, settings=step_settings, info=say)
         test = evaluate(result.program, splits["test"], task.metric, num_threads=cfg.threads, progress=bar("test"))
         final_records, test_score = records_of(test), test.score
         test_failures, test_usage, test_wall = test.failures, test.usage.to_dict(), round(test.wall_s, 2)
         write_json(run_dir / TEST_RECORDS, final_records)
         base_records, base_score, _ = baseline()
         dev_score, best = result.score, result.extra["best_step"]
+        reused = result.extra["reused_steps"]
         history = [r.to_dict() for r in result.history]
         start_dev = history[0]["val_score"]
         usage_total = test_usage
@@ -229,7 +250,7 @@ def run_cell(
         "task": task.name, "model": cfg.model, "strategy": ZERO_SHOT if zero_shot else cfg.strategy,
         "seed": cfg.seed, "split_seed": cfg.split_seed(), "status": "ok",
         "sizes": sizes, "prompt_sizes": None if zero_shot else [ptrain, pval],
-        "best_step": best, "dev_score": dev_score, "start_dev_score": start_dev,
+        "best_step": best, "reused_steps": reused, "dev_score": dev_score, "start_dev_score": start_dev,
         "test_score": test_score, "test_n": sizes["test"],
         "test_failures": test_failures, "zero_shot_test_score": base_score,
         "fixed": len(changed["fixed"]), "broken": len(changed["broken"]),

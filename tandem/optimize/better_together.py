@@ -40,6 +40,21 @@ temporary folder stands in for the run directory);
 the steps that finished and continues with the next one. A step's seed is
 ``seed * 100 + its position in the strategy`` (0-based), so a resumed run
 makes the same choices.
+
+Resume checks the settings. plan.json records every setting that changes a
+step's result (``tandem.optimize.plan``: the strategy, seed, metric, splits,
+each step optimizer's settings, a hash of the trainset and the valset, the
+program's prompts, formats and LMs, and the caller's ``settings``). Resuming
+over finished steps made with other settings raises ``ResumeMismatch``, one
+line naming each ``setting: was X, now Y``, before anything runs or is
+written. A plan.json of an older tandem, which recorded only the strategy
+and the seed, is refused too (over finished steps): it cannot show that
+nothing else differed, and that is what went wrong before (a run resumed
+with other sizes and candidates reused the old steps). ``num_threads`` and
+progress callbacks do not count. A resumed run says which steps it reused
+(``info``, and ``result.extra["reused_steps"]``). A run that does not resume
+starts over: it marks the steps already in the directory unfinished (their
+record.json is removed), so a later resume never mixes them with its own.
 """
 
 from __future__ import annotations
@@ -58,6 +73,7 @@ from tandem.evaluate.evaluate import Metric, evaluate
 from tandem.optimize.base import CompileResult, Optimizer, Progress, StepRecord, check_dataset, check_optimizer
 from tandem.optimize.finetune import BootstrapFinetune
 from tandem.optimize.grpo import GRPO
+from tandem.optimize.plan import PLAN_VERSION, ResumeMismatch, differences, run_settings
 from tandem.optimize.random_search import RandomSearch
 from tandem.program.example import Example
 from tandem.program.module import Module
@@ -141,21 +157,31 @@ class BetterTogether:
         self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
         resume: bool = False, progress: Progress | None = None,
         on_step: Callable[[StepRecord], None] | None = None,
+        settings: dict | None = None, info: Callable[[str], None] | None = None,
     ) -> CompileResult:
+        """Run the strategy on ``program``; ``settings``: the caller's own settings that change a
+        step's result (recorded in plan.json and compared on resume, ``tandem.optimize.plan``);
+        ``info``: one-line notes for the user (which steps a resumed run reused), else logged."""
         check_dataset("trainset", trainset, minimum=2)
         check_dataset("valset", valset)
+        say = info or (lambda msg: log.info("%s", msg))
         run_dir = Path(self.run_dir) if self.run_dir else None
         files_dir = run_dir or Path(tempfile.mkdtemp(prefix="tandem-run-"))  # the steps' out_dir live here
         original = program.deepcopy()  # never touch the caller's program
         history: list[StepRecord] = []  # history[i] scored programs[i]; 0 is the start
         programs: list[Module] = []
         if run_dir is not None:
+            plan = self.check_run_dir(original, trainset=trainset, valset=valset, seed=seed, resume=resume,
+                                      settings=settings)
             run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_plan(run_dir, seed)
+            if not resume:
+                self._forget_finished(run_dir)  # starting over: none of these steps may be reused later
+            _write_json(run_dir / "plan.json", plan)
             if resume:
                 history, programs = self._load_finished(run_dir, original)
                 if history:
-                    log.info("resuming after the start and %d finished step(s)", len(history) - 1)
+                    say(self._reused_text(run_dir, history))
+        reused = [r.index for r in history]
         if not history:
             t0 = time.perf_counter()
             start = original.deepcopy()
@@ -195,7 +221,7 @@ class BetterTogether:
         # (index 0) loses every tie, so it comes back only if every step scored lower.
         best = max(range(len(programs)), key=lambda j: (history[j].val_score or 0.0, j))
         out = CompileResult(programs[best], history, score=history[best].val_score,
-                            extra={"best_step": best, "final_program": programs[-1]})
+                            extra={"best_step": best, "final_program": programs[-1], "reused_steps": reused})
         if run_dir is not None:
             save_program(out.program, run_dir / "final", seed=seed,
                          extra={"best_step": best, "strategy": self.strategy})
@@ -232,23 +258,68 @@ class BetterTogether:
                            out_dir=out_dir)
 
     # -- run directory -----------------------------------------------------------------
-    def _write_plan(self, run_dir: Path, seed: int) -> None:
-        plan = {"strategy": self.strategy, "steps": self.steps, "seed": seed,
-                "splits": vars(self.splits), "start_step": True}
-        path = run_dir / "plan.json"
-        if path.exists():
-            old = json.loads(path.read_text())
-            if not old.get("start_step") and any((run_dir / "steps").glob("*/record.json")):
+    def settings(self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
+                 settings: dict | None = None) -> dict:
+        """The settings plan.json records: every one that changes a step's result (tandem.optimize.plan)."""
+        return run_settings(strategy_steps=self.steps, seed=seed, metric=self.metric, splits=self.splits,
+                            optimizers=self.optimizers, trainset=trainset, valset=valset, program=program,
+                            extra=settings)
+
+    def check_run_dir(self, program: Module, *, trainset: list[Example], valset: list[Example], seed: int = 0,
+                      resume: bool = False, settings: dict | None = None) -> dict:
+        """The plan.json this run writes; raises first if the run directory cannot be used for it.
+
+        Reads only: a caller (``run_cell``) calls it before it writes anything of its own.
+        Resuming over finished steps: ``ResumeMismatch`` naming every setting that differs
+        from plan.json's, or a ValueError for a plan.json of an older tandem (it recorded
+        only the strategy and the seed, so it cannot show that nothing else differed).
+        Not resuming: a directory holding finished steps of another strategy or seed is
+        refused (use another run directory); one of the same is started over.
+        """
+        plan = {"version": PLAN_VERSION, "strategy": self.strategy, "steps": self.steps, "seed": seed,
+                "splits": vars(self.splits), "start_step": True,
+                "settings": self.settings(program, trainset=trainset, valset=valset, seed=seed, settings=settings)}
+        run_dir = Path(self.run_dir) if self.run_dir else None
+        path = run_dir / "plan.json" if run_dir is not None else None
+        if path is None or not path.exists():
+            return plan
+        old = json.loads(path.read_text())
+        finished = any((run_dir / "steps").glob("*/record.json"))
+        if not finished:
+            return plan  # nothing that could be reused
+        if not old.get("start_step"):
+            raise ValueError(
+                f"{run_dir} holds steps of an older tandem, numbered without the start step "
+                f"(steps/00-{self.steps[0]} is now steps/01-{self.steps[0]}); use another run directory"
+            )
+        if resume:
+            if "settings" not in old:
                 raise ValueError(
-                    f"{run_dir} holds steps of an older tandem, numbered without the start step "
-                    f"(steps/00-{self.steps[0]} is now steps/01-{self.steps[0]}); use another run directory"
+                    f"cannot resume {run_dir}: its steps were made by an older tandem, whose plan.json records "
+                    "only the strategy and the seed, so other settings (sizes, candidates, LoRA, ...) may differ; "
+                    "start over there without resume, or use another run directory"
                 )
-            if old.get("steps") != self.steps or old.get("seed") != seed:
-                raise ValueError(
-                    f"{run_dir} holds a run of strategy {old.get('strategy')!r} seed {old.get('seed')}; "
-                    f"use another run directory for {self.strategy!r} seed {seed}"
-                )
-        path.write_text(json.dumps(plan, indent=1))
+            diffs = differences(old["settings"], plan["settings"])
+            if diffs:
+                raise ResumeMismatch(run_dir, diffs)
+        elif old.get("steps") != self.steps or old.get("seed") != seed:
+            raise ValueError(
+                f"{run_dir} holds a run of strategy {old.get('strategy')!r} seed {old.get('seed')}; "
+                f"use another run directory for {self.strategy!r} seed {seed}"
+            )
+        return plan
+
+    @staticmethod
+    def _forget_finished(run_dir: Path) -> None:
+        """Mark the steps in ``run_dir`` unfinished (remove their record.json): a fresh run replaces them."""
+        for record in sorted((run_dir / "steps").glob("*/record.json")):
+            record.unlink()
+
+    def _reused_text(self, run_dir: Path, history: list[StepRecord]) -> str:
+        done = ", ".join("the start" if r.index == 0 else f"step {r.index} ({r.kind})" for r in history)
+        left = [f"{i} ({kind})" for i, kind in enumerate(self.steps, 1) if i >= len(history)]
+        todo = f"running step(s) {', '.join(left)}" if left else "every step had finished"
+        return f"resuming {run_dir}: reused {done}, finished earlier with the same settings; {todo}"
 
     def _checkpoint(self, run_dir: Path, i: int, kind: str, program: Module, rec: StepRecord, seed: int) -> None:
         d = run_dir / "steps" / f"{i:02d}-{kind}"
@@ -276,6 +347,12 @@ class BetterTogether:
             history.append(StepRecord.from_dict(json.loads((d / "record.json").read_text())))
             programs.append(load_program(d / "program", program=original, lms=lms))
         return history, programs
+
+
+def _write_json(path: Path, value: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
 
 
 def _add_usage(a: dict, b: dict) -> dict:
