@@ -35,6 +35,8 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
     (["--strategy", "p ->"], ["empty step in strategy 'p ->'"]),
     (["--set", "lora.rnak=32"], ["unknown [lora] setting(s) ['rnak']", "'rank'"]),  # D6: "[lora]" printed as is
     (["--set", "weight_step.atempts=2"], ["unknown [weight_step] setting(s) ['atempts']"]),
+    (["--set", "lora.rank=abc"], ["setting `lora.rank` must be int", "got 'abc'"]),
+    (["--set", "lora.learning_rate=fast"], ["setting `lora.learning_rate` must be float", "got 'fast'"]),
     (["--set", "weight_step.attempts=0"], ["[weight_step] attempts must be an integer >= 1"]),
     (["--set", "sizes=0,0,0"], ["`sizes`", "three positive integers", "got 0,0,0"]),
     (["--set", "sizes=-5,50,50"], ["`sizes`", "three positive integers", "got -5,50,50"]),  # D4

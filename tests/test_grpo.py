@@ -298,3 +298,22 @@ def test_rl_step_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     assert isinstance(lm, HFLM) and lm.adapter is not None and lm.adapter.parent == tmp_path / "adapters"
     assert (lm.adapter / "tandem_adapter.json").exists()
     assert res.program.solve(x="4").y is not None  # the program runs on the new weights
+
+
+def test_run_cell_gives_the_rl_step_the_config_settings(monkeypatch, tmp_path):
+    """`[rl]` in a run config reaches the r step that run_cell builds (not GRPO's defaults)."""
+    import tandem.optimize as optimize
+    from tandem.experiments.run import run_cell
+
+    seen = []
+
+    class Recording(optimize.GRPO):
+        def __init__(self, metric, settings=None, **kw):
+            seen.append(settings)
+            super().__init__(metric, settings, **kw)
+
+    monkeypatch.setattr(optimize, "GRPO", Recording)
+    cfg = load_config(overrides=["strategy=r", "rl.steps=3", "rl.rollouts=2", "sizes=10,10,10"])
+    with pytest.raises(Exception):  # noqa: B017 - the LM is not one; only the construction matters here
+        run_cell(cfg, lm=object(), run_dir=tmp_path / "run")
+    assert seen and seen[0].steps == 3 and seen[0].rollouts == 2

@@ -60,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS, check_teacher_demos
+from tandem.experiments.typed import check_fields
 from tandem.optimize.grpo import GRPOSettings
 from tandem.tasks.registry import Task, get_task, task_from_file
 from tandem.train import LoRAConfig
@@ -104,7 +105,9 @@ class RunConfig:
         unknown = set(self.lora) - known
         if unknown:
             raise ValueError(f"unknown [lora] setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        cfg = LoRAConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in self.lora.items()})
+        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.lora.items()}
+        check_fields(LoRAConfig, values, "lora")
+        cfg = LoRAConfig(**values)
         return replace(cfg, seed=self.seed)
 
     def weight_step_options(self) -> dict:

@@ -155,7 +155,7 @@ def run_cell(
     ``trainer``: a stand-in for the LoRA trainer (tests). ``info``: called
     with one-line notes for the user (scaled sizes, reused baselines).
     """
-    from tandem.optimize import BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan
+    from tandem.optimize import GRPO, BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan
 
     cfg.check()  # bad settings are one-line errors before data loads or the run directory exists
     say = info or (lambda msg: log.info("%s", msg))
@@ -176,6 +176,7 @@ def run_cell(
             weight_optimizer=BootstrapFinetune(task.metric, config=cfg.lora_config(), num_threads=cfg.threads,
                                                **cfg.weight_step_options(),
                                                **({"trainer": trainer} if trainer is not None else {})),
+            rl_optimizer=GRPO(task.metric, cfg.rl_settings(), num_threads=cfg.threads),
             splits=SplitPlan(ptrain, pval), run_dir=run_dir, num_threads=cfg.threads,
         )
         # What changes a step's result beyond what BetterTogether sees (test size: see the docstring).
