@@ -8,6 +8,7 @@
     tandem experiment examples/iris_table.toml
     tandem report runs/exp-iris
     tandem serve runs/iris-pwp-s0 --port 8000
+    tandem promote runs/iris-from-log --over deploy/iris --data data.jsonl   (tandem.cli_cycle)
 
 Library code logs; what the command prints (errors, progress, tables) is in
 ``tandem.cli_output``.
@@ -110,7 +111,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     from tandem.optimize.base import StepRecord
 
     cfg = load_config(args.config, args.set, task=args.task, model=args.model, strategy=args.strategy,
-                      seed=args.seed, run_dir=args.run_dir, data=args.data)
+                      seed=args.seed, run_dir=args.run_dir, data=args.data, program_from=args.program_from)
     shared: dict = {}
     task, data = load_data(cfg, cache=shared)  # data errors before the model loads
     run_dir = cfg.default_run_dir()
@@ -143,7 +144,8 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     chosen = chosen_text(summary, history)
     out.print(
         f"returned program: {chosen}; [bold]test {summary['test_score']:.1f}%[/] on {summary['test_n']} examples "
-        f"(zero-shot {summary['zero_shot_test_score']:.1f}%: {summary['fixed']} fixed, {summary['broken']} broken); "
+        f"({'start program' if cfg.program_from else 'zero-shot'} {summary['zero_shot_test_score']:.1f}%: "
+        f"{summary['fixed']} fixed, {summary['broken']} broken); "
         f"total {total_s:.0f} s; saved to {escape(str(run_dir / 'final'))}"
     )
     return 0
@@ -228,7 +230,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               max_body_bytes=args.max_body_bytes, max_batch_items=args.max_batch,
               max_concurrency=args.concurrency, timeout_s=args.timeout,
               log_level="debug" if args.verbose else "info",
-              info=lambda msg: note(msg, "warning"))
+              info=lambda msg: note(msg, "warning"), log_dir=args.log)
     except OSError as exc:  # the port is taken, the host does not resolve
         error(exc)
         return 2
@@ -314,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--run-dir", default=None, help="default runs/<task>-<strategy>-s<seed>")
     o.add_argument("--data", default=None, help=DATA_HELP)
     o.add_argument("--resume", action="store_true", help="continue a killed run from its last finished step")
+    o.add_argument("--from", dest="program_from", default=None, metavar="PROGRAM_DIR",
+                   help="start from a saved program (its prompts and adapter; a run or deployment folder) "
+                        "instead of the task's")
     o.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config setting, e.g. --set lora.epochs=3 --set sizes=50,50,50")
     o.set_defaults(func=cmd_optimize)
@@ -343,7 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-batch", type=int, default=64, help="most items in one /v1/predict_batch request")
     v.add_argument("--concurrency", type=int, default=64, help="program calls running at once")
     v.add_argument("--timeout", type=float, default=600.0, help="seconds before a request gets a 504 (0: no limit)")
+    v.add_argument("--log", default=None, metavar="DIR", help="record every request (SQLite) and take feedback")
     v.set_defaults(func=cmd_serve)
+    from tandem.cli_cycle import add_cycle_commands
+
+    add_cycle_commands(sub, add_command)  # data from-log, promote (docs/cycle.md)
     return p
 
 

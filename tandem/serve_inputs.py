@@ -1,5 +1,6 @@
 """What a request to ``tandem serve`` must hold: the program's input fields, the pydantic
-models that check request bodies against them, and validation errors in this API's words.
+models that check request bodies against them, validation errors in this API's words, and
+``check_feedback`` for ``/v1/feedback`` bodies (labels of ``program_label_fields``).
 
 ``program_input_fields(program)`` finds the fields; ``request_models(fields, max_batch_items)``
 builds the body models of ``/v1/predict`` and ``/v1/predict_batch`` from them;
@@ -17,6 +18,7 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"tandem serve needs fastapi and uvicorn: pip install 'tandem[serve]' ({exc})") from exc
 
+from tandem.log_examples import LabelSpec, program_label_fields  # noqa: F401 - the feedback's label fields
 from tandem.program.module import Module
 
 # The key of each endpoint's body: /v1/predict takes {"inputs": {...}}, /v1/predict_batch {"items": [{...}]}.
@@ -148,3 +150,75 @@ def describe_validation_error(err: dict, fields: list[InputSpec], key: str | Non
         return where, (f"{where} must be a JSON object" if where else
                        "the body must be a JSON object, sent with content-type application/json")
     return where, f"{where or 'body'}: {err.get('msg')}"
+
+
+# -- feedback ---------------------------------------------------------------------------------
+FEEDBACK_KEYS = ("request_id", "label", "score", "comment")
+
+
+def _label_value(name: str, value: Any, spec: LabelSpec) -> Any:
+    try:
+        value = _scalar(value)
+    except PydanticCustomError as exc:
+        raise ValueError(f"label {name!r} {exc.message()}") from None
+    if spec.choices:
+        match = [c for c in spec.choices if c.lower() == str(value).strip().lower()]
+        if not match:
+            raise ValueError(f"label {name!r} must be one of {', '.join(spec.choices)}, got {value!r}")
+        return match[0]
+    return value
+
+
+def check_feedback(body: Any, labels: list[LabelSpec]) -> dict:
+    """A ``/v1/feedback`` body checked: ``{"request_id", "label", "score", "comment"}`` with the label as an
+    object of label fields; a ValueError with one line saying what is wrong otherwise.
+
+    ``label``: a string or number (the value of the only label field) or an object of label
+    fields; a field with choices takes one of them (case does not matter). ``score``: a number
+    from 0 to 1. At least one of the two; ``comment``: optional text."""
+    names = ", ".join(s.name for s in labels) or "(none)"
+    if not isinstance(body, dict):
+        raise ValueError("the body must be a JSON object with 'request_id' and a 'label' or a 'score'")
+    unknown = [k for k in body if k not in FEEDBACK_KEYS]
+    if unknown:
+        raise ValueError(f"unknown key {unknown[0]!r} in the body; feedback takes {', '.join(FEEDBACK_KEYS)}")
+    rid = body.get("request_id")
+    if not isinstance(rid, str) or not rid or len(rid) > 100:
+        raise ValueError("'request_id' must be the request id a /v1/predict reply gave (a string)")
+    label, score, comment = body.get("label"), body.get("score"), body.get("comment")
+    if label is None and score is None:
+        raise ValueError(f"give a 'label' (the right value of {names}) or a 'score' (0 to 1), or both")
+    by_name = {s.name: s for s in labels}
+    if label is not None:
+        if isinstance(label, dict):
+            if not label:
+                raise ValueError(f"'label' is an empty object; name the label fields {names}")
+            bad = [k for k in label if k not in by_name]
+            if bad:
+                raise ValueError(f"unknown label field {bad[0]!r}; the label fields are {names}")
+            label = {k: _label_value(k, v, by_name[k]) for k, v in label.items()}
+        elif isinstance(label, (str, int, float)) and not isinstance(label, bool):
+            if len(labels) != 1:
+                raise ValueError(f"'label' must be an object of the label fields {names}")
+            label = {labels[0].name: _label_value(labels[0].name, label, labels[0])}
+        else:
+            kind = {bool: "a boolean", list: "a list"}.get(type(label), type(label).__name__)
+            raise ValueError(f"'label' must be a string, a number or an object of the label fields {names}, "
+                             f"not {kind}")
+    if score is not None:
+        if (isinstance(score, bool) or not isinstance(score, (int, float)) or not math.isfinite(score)
+                or not 0 <= score <= 1):
+            raise ValueError(f"'score' must be a number from 0 to 1, got {json_text(score)}")
+        score = float(score)
+    if comment is not None and (not isinstance(comment, str) or len(comment) > 2000):
+        raise ValueError("'comment' must be text of at most 2000 characters")
+    return {"request_id": rid, "label": label, "score": score, "comment": comment}
+
+
+def json_text(value: Any) -> str:
+    import json
+
+    try:
+        return json.dumps(value)[:60]
+    except (TypeError, ValueError):
+        return repr(value)[:60]

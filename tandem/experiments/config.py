@@ -99,6 +99,7 @@ class RunConfig:
     weight_step: dict = field(default_factory=dict)  # BootstrapFinetune's bootstrap settings (WEIGHT_STEP_KEYS)
     rl: dict = field(default_factory=dict)  # the RL step's settings (GRPOSettings; its LoRA shape is [lora]'s)
     backend_options: dict = field(default_factory=dict)  # passed to the LM backend
+    program_from: str | None = None  # start from this saved program (run, program or deployment folder)
 
     def lora_config(self) -> LoRAConfig:
         known = {f.name for f in fields(LoRAConfig)}
@@ -160,6 +161,8 @@ class RunConfig:
             if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
                 what = "an integer" if low is None else f"an integer >= {low}"
                 raise ValueError(f"setting `{name}` must be {what}, got {value!r}")
+        if self.program_from is not None and not (isinstance(self.program_from, str) and self.program_from):
+            raise ValueError(f"setting `program_from` must be a saved program's folder, got {self.program_from!r}")
         for name in ("lora", "weight_step", "rl", "backend_options"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"setting `{name}` must be a table of settings, got {getattr(self, name)!r}")
@@ -218,12 +221,14 @@ def resolve_path(value: str, base: str | os.PathLike | None = None) -> str:
 
 
 def resolve_paths(values: dict[str, Any], base: str | os.PathLike | None = None) -> dict[str, Any]:
-    """``values`` with a task file (``task`` ending in .py) and ``data`` made absolute (``resolve_path``)."""
-    task, data = values.get("task"), values.get("data")
+    """``values`` with a task file (``task`` ending in .py), ``data`` and ``program_from`` made absolute
+    (``resolve_path``)."""
+    task = values.get("task")
     if isinstance(task, str) and task.endswith(".py"):
         values["task"] = resolve_path(task, base)
-    if isinstance(data, str) and data:
-        values["data"] = resolve_path(data, base)
+    for key in ("data", "program_from"):
+        if isinstance(values.get(key), str) and values[key]:
+            values[key] = resolve_path(values[key], base)
     return values
 
 

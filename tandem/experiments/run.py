@@ -51,6 +51,7 @@ from typing import Any, Callable
 from tandem.evaluate import evaluate
 from tandem.evaluate.evaluate import EvalResult
 from tandem.experiments.config import ZERO_SHOT, RunConfig, is_zero_shot, resolve_task
+from tandem.log_examples import check_examples, examples_splits, is_examples_file
 from tandem.optimize.base import Progress
 from tandem.tasks.registry import Task
 
@@ -83,15 +84,59 @@ def read_json(path: Path, default: Any = None) -> Any:
 
 
 def load_data(cfg: RunConfig, task: Task | None = None, cache: dict | None = None):
-    """``(task, data)``: the task and what its loader returned for ``cfg`` (reused from ``cache``)."""
+    """``(task, data)``: the task and what its loader returned for ``cfg`` (reused from ``cache``).
+
+    ``cfg.data`` may be an examples file of ``tandem data from-log`` (``tandem.log_examples``):
+    its splits, checked against the task's program, instead of the task's loader."""
     task = task or resolve_task(cfg)
     key = ("data", cfg.task, cfg.data, cfg.split_seed(), cfg.sizes)  # cfg.task: a task file's whole path
     if cache is not None and key in cache:
         return task, cache[key]
-    data = task.load(data=cfg.data, seed=cfg.split_seed(), **({"sizes": cfg.sizes} if cfg.sizes else {}))
+    if is_examples_file(cfg.data):
+        data = _log_examples(cfg, task)
+    else:
+        data = task.load(data=cfg.data, seed=cfg.split_seed(), **({"sizes": cfg.sizes} if cfg.sizes else {}))
     if cache is not None:
         cache[key] = data
     return task, data
+
+
+def _log_examples(cfg: RunConfig, task: Task) -> dict:
+    if task.program_takes_data:
+        raise ValueError(f"task {task.name} builds its program from its own data (a retriever); it cannot run on "
+                         f"the examples of {cfg.data}")
+    data = examples_splits(cfg.data, seed=cfg.split_seed(), sizes=cfg.sizes)
+    check_examples([ex for rows in data.values() for ex in rows], task.make_program(), str(cfg.data))
+    return data
+
+
+def start_program(cfg: RunConfig, task: Task, data: Any, lm):
+    """The program a run starts from: the task's on ``lm``, or the saved one of ``cfg.program_from`` (its
+    prompts, demos and adapter, on ``lm``'s model; it must be the task's program class and that model)."""
+    program = task.make_program(data)
+    if cfg.program_from:
+        from tandem.deploy import program_source
+        from tandem.program.persist import load_program, read_program_file
+
+        program_dir = program_source(cfg.program_from)
+        doc = read_program_file(program_dir)
+        cls = type(program)
+        if doc["program"] != f"{cls.__module__}:{cls.__qualname__}":
+            raise ValueError(f"{program_dir} holds a {doc['program']} program; task {task.name}'s program is "
+                             f"{cls.__module__}:{cls.__qualname__}")
+        spec = lm.spec() if hasattr(lm, "spec") else {"backend": type(lm).__name__, "model": lm.name}
+        model = f"{spec['backend']}:{spec['model']}"
+        for name, state in doc["predictors"].items():
+            ref = state.get("lm") or {}
+            if ref and f"{ref['backend']}:{ref['model']}" != model:
+                raise ValueError(f"{program_dir}: predictor {name} runs on {ref['backend']}:{ref['model']}, this "
+                                 f"run's model is {model}; pass --model {ref['backend']}:{ref['model']}")
+        program = load_program(program_dir, program=program, lms={model: lm})
+        for _, pred in program.named_predictors():
+            pred.lm = pred.lm or lm
+    else:
+        program.set_lm(lm)
+    return program.set_format(cfg.format) if cfg.format is not None else program
 
 
 def prompt_sizes(task: Task, cfg: RunConfig, n_train: int) -> tuple[int | None, int | None, str]:
@@ -165,9 +210,8 @@ def run_cell(
     sizes = {name: len(rows) for name, rows in splits.items()}
     zero_shot = is_zero_shot(cfg.strategy)
     ptrain, pval, note = prompt_sizes(task, cfg, sizes["train"])
-    program = task.make_program(data).set_lm(lm)
-    if cfg.format is not None:
-        program.set_format(cfg.format)
+    program = start_program(cfg, task, data, lm)
+    start_id = _program_id(cfg.program_from) if cfg.program_from else None
     if not zero_shot:
         bt = BetterTogether(
             task.metric, strategy=cfg.strategy,
@@ -201,6 +245,8 @@ def run_cell(
     def baseline() -> tuple[list[dict], float, dict]:
         """The unoptimized program on test: from this run dir, from ``shared``, or evaluated now."""
         key = ["baseline", cfg.task, cfg.data, cfg.split_seed(), sizes, _fingerprint(lm)]
+        if cfg.program_from:  # the start program is a saved one, not the task's
+            key.append({"program_from": cfg.program_from, "start": start_id})
         saved = read_json(run_dir / BASELINE_RECORDS)
         if saved is not None and saved.get("key") != json.loads(json.dumps(key, default=str)):
             saved = None  # from another split or model: evaluate again
@@ -262,9 +308,19 @@ def run_cell(
         "optimize_s": round(sum(r.get("wall_s") or 0.0 for r in history), 1), "test_wall_s": test_wall,
         "test_usage": test_usage, "usage": usage_total, "history": history,
         "run_dir": str(run_dir), "notes": [note] if note and not zero_shot else [],
+        "program_from": cfg.program_from,
     }
     write_json(run_dir / RESULTS, summary)
     return summary
+
+
+def _program_id(path: str) -> str:
+    """The sha256 of the saved start program's program.json (a deployment's champion changes)."""
+    import hashlib
+
+    from tandem.deploy import program_source
+
+    return hashlib.sha256((program_source(path) / "program.json").read_bytes()).hexdigest()[:16]
 
 
 def _k(key: list) -> str:
