@@ -106,7 +106,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_optimize(args: argparse.Namespace) -> int:
     from tandem.experiments.config import load_config
-    from tandem.experiments.run import load_data, run_cell, write_json
+    from tandem.experiments.run import check_program_from, load_data, run_cell, write_json
     from tandem.lm.registry import get_lm
     from tandem.optimize.base import StepRecord
 
@@ -114,6 +114,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
                       seed=args.seed, run_dir=args.run_dir, data=args.data, program_from=args.program_from)
     shared: dict = {}
     task, data = load_data(cfg, cache=shared)  # data errors before the model loads
+    check_program_from(cfg, task, data)  # and a --from program of another task or model
     run_dir = cfg.default_run_dir()
     console.print(
         f"[bold]{escape(task.name)}[/] strategy [bold]{escape(cfg.strategy)}[/], seed {cfg.seed}, "

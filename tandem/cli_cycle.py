@@ -46,7 +46,7 @@ def notify(url: str | None) -> None:
     if r.status_code == 200:
         body = r.json()
         console.print(f"server {escape(url)} now serves version {escape(str(body.get('program_version')))} "
-                      f"(was {escape(str(body.get('previous_version')))})")
+                      f"(was {escape(str(body.get('previous_version')))})", soft_wrap=True)
     else:
         note(f"the server at {url} did not reload ({r.status_code}: {r.text[:300]})", "warning")
 
@@ -76,7 +76,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         if args.challenger:
             raise ValueError("--rollback DEPLOY takes no CHALLENGER")
         was, now = deploy.rollback(args.rollback, by=args.by)
-        stdout().print(f"rolled back {args.rollback}: champion {now} (was {was})", markup=False)
+        stdout().print(f"rolled back {args.rollback}: champion {now} (was {was})", markup=False, soft_wrap=True)
         notify(args.notify)
         return 0
     if not args.challenger:
@@ -84,7 +84,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     if args.init:
         version = deploy.init(args.challenger, args.init, by=args.by)
         stdout().print(f"{args.init}: champion {version} = {args.challenger}; serve it with "
-                       f"tandem serve {args.init}", markup=False)
+                       f"tandem serve {args.init}", markup=False, soft_wrap=True)
         return 0
     if not args.data:
         raise ValueError("--over needs --data FILE: the examples both programs run on")

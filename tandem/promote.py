@@ -47,6 +47,7 @@ from tandem.evaluate.evaluate import EvalResult
 from tandem.log_examples import check_examples, is_examples_file, read_examples
 from tandem.program import Example, Prediction
 from tandem.program.persist import read_program_file, resolve_program_dir
+from tandem.tasks.errors import DataError
 
 LOWER_IS_BETTER = {
     "failures": lambda r: 100.0 if r.failure else 0.0,
@@ -155,7 +156,11 @@ def gate_examples(data: str, champion_dir: Path, challenger_dir: Path, *, split:
         loaded = None
     else:
         split = split or "test"
-        task_, examples, loaded = eval_examples(cfg, split, None)
+        try:
+            task_, examples, loaded = eval_examples(cfg, split, None)
+        except DataError as exc:
+            raise DataError(f"--data {data} is neither an examples file (tandem data from-log) nor {cfg.task} "
+                            f"data: {exc}") from None
     examples = examples[:limit] if limit is not None else examples
     if not examples:
         raise ValueError(f"--data {data}: no examples in the {split} split")

@@ -110,27 +110,40 @@ def _log_examples(cfg: RunConfig, task: Task) -> dict:
     return data
 
 
+def check_program_from(cfg: RunConfig, task: Task, data: Any, model: str | None = None) -> Path | None:
+    """The folder of ``cfg.program_from``'s saved program, checked: the task's program class, on the run's
+    model (``model``, ``backend:model``; default ``cfg.model``); a one-line ValueError otherwise. None without one."""
+    if not cfg.program_from:
+        return None
+    from tandem.deploy import program_source
+    from tandem.lm.registry import split_spec
+    from tandem.program.persist import read_program_file
+
+    program_dir = program_source(cfg.program_from)
+    doc = read_program_file(program_dir)
+    cls = type(task.make_program(data))
+    if doc["program"] != f"{cls.__module__}:{cls.__qualname__}":
+        raise ValueError(f"{program_dir} holds a {doc['program']} program; task {task.name}'s program is "
+                         f"{cls.__module__}:{cls.__qualname__}")
+    model = model or ":".join(split_spec(cfg.model))
+    for name, state in doc["predictors"].items():
+        ref = state.get("lm") or {}
+        if ref and f"{ref['backend']}:{ref['model']}" != model:
+            raise ValueError(f"{program_dir}: predictor {name} runs on {ref['backend']}:{ref['model']}, this "
+                             f"run's model is {model}; pass --model {ref['backend']}:{ref['model']}")
+    return program_dir
+
+
 def start_program(cfg: RunConfig, task: Task, data: Any, lm):
     """The program a run starts from: the task's on ``lm``, or the saved one of ``cfg.program_from`` (its
     prompts, demos and adapter, on ``lm``'s model; it must be the task's program class and that model)."""
     program = task.make_program(data)
-    if cfg.program_from:
-        from tandem.deploy import program_source
-        from tandem.program.persist import load_program, read_program_file
+    spec = lm.spec() if hasattr(lm, "spec") else {"backend": type(lm).__name__, "model": lm.name}
+    model = f"{spec['backend']}:{spec['model']}"
+    program_dir = check_program_from(cfg, task, data, model)
+    if program_dir is not None:
+        from tandem.program.persist import load_program
 
-        program_dir = program_source(cfg.program_from)
-        doc = read_program_file(program_dir)
-        cls = type(program)
-        if doc["program"] != f"{cls.__module__}:{cls.__qualname__}":
-            raise ValueError(f"{program_dir} holds a {doc['program']} program; task {task.name}'s program is "
-                             f"{cls.__module__}:{cls.__qualname__}")
-        spec = lm.spec() if hasattr(lm, "spec") else {"backend": type(lm).__name__, "model": lm.name}
-        model = f"{spec['backend']}:{spec['model']}"
-        for name, state in doc["predictors"].items():
-            ref = state.get("lm") or {}
-            if ref and f"{ref['backend']}:{ref['model']}" != model:
-                raise ValueError(f"{program_dir}: predictor {name} runs on {ref['backend']}:{ref['model']}, this "
-                                 f"run's model is {model}; pass --model {ref['backend']}:{ref['model']}")
         program = load_program(program_dir, program=program, lms={model: lm})
         for _, pred in program.named_predictors():
             pred.lm = pred.lm or lm
