@@ -4,10 +4,10 @@
     .venv/bin/python benchmarks/vs_dspy/accuracy.py   # -> benchmarks/results/vs_dspy_accuracy.json
     .venv/bin/python benchmarks/vs_dspy/accuracy.py --data-seeds 0 --search-seeds 0,1   # a short run
 
-Each side's result for a split is kept in --work-dir (tandem_<split>.json,
-dspy_<split>.json); a later invocation with the same work dir and search seeds
-reuses them, so the splits can run one invocation at a time and a killed run
-loses only the split it was on.
+Each side appends every finished run to --work-dir (tandem_<split>.rounds.jsonl,
+dspy_<split>.rounds.jsonl); a later invocation with the same work dir runs
+only the (split, search seed) pairs not there yet, so a killed run loses only
+the run it was on and more seeds or splits can be added later.
 
 The same prompt step as run.py (tandem's RandomSearch on the in-process vLLM
 engine; DSPy's BootstrapFewShotWithRandomSearch against vLLM's server of the
@@ -40,13 +40,17 @@ from run import (DSPY_PY, ROOT, TANDEM_PY, LoadSampler, cpu_model, run_side, ver
 from tandem.experiments.stats import RunOutcomes, compare_strategies, mean_ci  # noqa: E402
 
 
-def finished(path: Path, search_seeds: str) -> dict | None:
-    """A side's result for one split from an earlier invocation, if it ran the same search seeds."""
-    if not path.is_file():
-        return None
-    res = json.loads(path.read_text())
-    seeds = sorted(r["search_seed"] for r in res.get("rounds", []))
-    return res if seeds == sorted(int(x) for x in search_seeds.split(",")) else None
+def rounds_done(partial: Path) -> dict[int, dict]:
+    """The rounds a side appended to ``partial`` (a JSON line each, this and earlier invocations), by search seed."""
+    if not partial.is_file():
+        return {}
+    rounds = [json.loads(line) for line in partial.read_text().splitlines() if line.strip()]
+    return {r["search_seed"]: r for r in rounds}
+
+
+def todo(partial: Path, seeds: list[int]) -> list[int]:
+    done = rounds_done(partial)
+    return [x for x in seeds if x not in done]
 
 
 def side_runs(name: str, by_split: dict[int, dict]) -> list[dict]:
@@ -129,6 +133,7 @@ def main() -> int:
         if not py.exists():
             sys.exit(f"{py} is missing: run scripts/install.sh (tandem) and bash benchmarks/vs_dspy/setup.sh (DSPy)")
     data_seeds = [int(x) for x in args.data_seeds.split(",")]
+    seeds = [int(x) for x in args.search_seeds.split(",")]
     if args.skip_dspy and not (args.dspy_from and args.dspy_from.is_file()):
         sys.exit("--skip-dspy needs --dspy-from FILE: an earlier result of this script")
     from tandem.lm.models import ensure_model
@@ -152,41 +157,39 @@ def main() -> int:
     server = None
     try:
         for d in data_seeds:
-            out = work / f"tandem_{d}.json"
-            if (earlier := finished(out, args.search_seeds)) is not None:
-                tandem[d] = earlier  # kept from an earlier invocation with the same work dir
-                continue
-            wait_for_memory(args.mem_gib, f"tandem engine, split {d}", waits, 1800)
-            sampler.phase = "tandem"
-            print(f"tandem, split {d} ...", flush=True)
-            run_side([TANDEM_PY, HERE / "tandem_side.py", "prompt", "--data", work / f"data_{d}.json",
-                      "--sft", work / f"sft_{d}.jsonl", "--out", out, "--rounds", 1,
-                      "--search-seeds", args.search_seeds, *(["--format", args.format] if args.format else [])],
-                     work / f"tandem_{d}.log", env={"TANDEM_CACHE": "0"},
-                     timeout=7200)
-            tandem[d] = json.loads(out.read_text())
-            res["model_load_s"][f"tandem_engine_split_{d}"] = tandem[d]["model_load_s"]
-        for d in data_seeds:
-            if not args.skip_dspy and (earlier := finished(work / f"dspy_{d}.json", args.search_seeds)):
-                dspy[d] = earlier
+            partial = work / f"tandem_{d}.rounds.jsonl"
+            if missing := todo(partial, seeds):
+                wait_for_memory(args.mem_gib, f"tandem engine, split {d}", waits, 1800)
+                sampler.phase = "tandem"
+                print(f"tandem, split {d}, search seeds {missing} ...", flush=True)
+                out = work / f"tandem_{d}.json"
+                run_side([TANDEM_PY, HERE / "tandem_side.py", "prompt", "--data", work / f"data_{d}.json",
+                          "--out", out, "--partial", partial, "--rounds", 1,
+                          "--search-seeds", ",".join(map(str, missing)),
+                          *(["--format", args.format] if args.format else [])],
+                         work / f"tandem_{d}.log", env={"TANDEM_CACHE": "0"}, timeout=7200)
+                res["model_load_s"][f"tandem_engine_split_{d}"] = json.loads(out.read_text())["model_load_s"]
+            tandem[d] = {"rounds": [rounds_done(partial)[x] for x in seeds]}
         if args.skip_dspy:
             done = json.loads(args.dspy_from.read_text())
             res["dspy_from"] = {"file": str(args.dspy_from), "date_utc": done.get("date_utc")}
-        elif len(dspy) < len(data_seeds):
+        elif any(todo(work / f"dspy_{d}.rounds.jsonl", seeds) for d in data_seeds):
             wait_for_memory(args.mem_gib, "vLLM server", waits, 1800)
             sampler.phase = "server start"
             server = VLLMServer(model_dir, log=work / "server.log", served_name="smollm2-135m", python=TANDEM_PY,
                                 kv_cache_gb=args.kv_cache_gb)
             res["model_load_s"]["server"] = round(server.start(dev_mode=True), 1)
-        for d in [] if args.skip_dspy else [d for d in data_seeds if d not in dspy]:
-            sampler.phase = "dspy"
-            out = work / f"dspy_{d}.json"
-            print(f"DSPy, split {d} ...", flush=True)
-            run_side([DSPY_PY, HERE / "dspy_side.py", "prompt", "--data", work / f"data_{d}.json",
-                      "--api-base", server.url, "--metrics-url", f"{server.root}/metrics",
-                      "--threads", args.dspy_threads, "--rounds", 1, "--search-seeds", args.search_seeds,
-                      "--out", out], work / f"dspy_{d}.log", timeout=7200)
-            dspy[d] = json.loads(out.read_text())
+        for d in [] if args.skip_dspy else data_seeds:
+            partial = work / f"dspy_{d}.rounds.jsonl"
+            if missing := todo(partial, seeds):
+                sampler.phase = "dspy"
+                print(f"DSPy, split {d}, search seeds {missing} ...", flush=True)
+                run_side([DSPY_PY, HERE / "dspy_side.py", "prompt", "--data", work / f"data_{d}.json",
+                          "--api-base", server.url, "--metrics-url", f"{server.root}/metrics",
+                          "--threads", args.dspy_threads, "--rounds", 1,
+                          "--search-seeds", ",".join(map(str, missing)), "--partial", partial,
+                          "--out", work / f"dspy_{d}.json"], work / f"dspy_{d}.log", timeout=7200)
+            dspy[d] = {"rounds": [rounds_done(partial)[x] for x in seeds]}
     finally:
         if server is not None:
             server.stop()

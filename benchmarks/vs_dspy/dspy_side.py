@@ -215,6 +215,9 @@ def prompt_step(args) -> dict:
     for r, seed in [(r, s) for s in seeds for r in range(args.rounds)]:
         rounds.append(one_round(args, train, val, dev, phases, seed))
         x = rounds[-1]
+        if args.partial:  # every finished round on disk at once (a JSON line each): a killed run keeps them
+            with open(args.partial, "a") as fh:
+                fh.write(json.dumps(x) + "\n")
         print(f"seed {seed} round {r + 1}: {x['step_wall_s']:.1f} s, val {x['val_acc']:.1f}, dev {x['dev_acc']:.1f}", flush=True)
     best = min(rounds, key=lambda r: r["step_wall_s"])  # load only ever slows a round down
     walls = sorted(r["step_wall_s"] for r in rounds)
@@ -313,6 +316,7 @@ def main() -> int:
     p.add_argument("--max-errors", type=int, default=10_000)
     p.add_argument("--rounds", type=int, default=1)
     p.add_argument("--search-seeds", default="0")
+    p.add_argument("--partial", default=None, help="prompt: append each finished round here as a JSON line")
     p.add_argument("--out", required=True)
     args = p.parse_args()
     out = prompt_step(args) if args.what == "prompt" else finetune(args)

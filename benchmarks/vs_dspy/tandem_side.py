@@ -72,12 +72,10 @@ def prompt_step(args) -> dict:
     from tandem.evaluate import evaluate
     from tandem.lm.registry import get_lm
     from tandem.optimize import RandomSearch
-    from tandem.optimize.bootstrap import bootstrap
-    from tandem.optimize.finetune import BootstrapFinetune
     from tandem.tasks.iris import IrisClassifier, iris_metric
 
     data = json.loads(Path(args.data).read_text())
-    train, val, dev, train50 = (examples(data[k]) for k in ("prompt_train", "prompt_val", "dev", "train"))
+    train, val, dev = (examples(data[k]) for k in ("prompt_train", "prompt_val", "dev"))
 
     t0 = time.perf_counter()
     lm = get_lm("smollm2-135m")  # the in-process vLLM engine; no call cache (TANDEM_CACHE=0)
@@ -120,32 +118,43 @@ def prompt_step(args) -> dict:
         })
         if len(rounds) == 1:
             first = chosen
+        if args.partial:  # every finished round on disk at once (a JSON line each): a killed run keeps them
+            with open(args.partial, "a") as fh:
+                fh.write(json.dumps(rounds[-1]) + "\n")
         print(f"seed {seed} round {r + 1}: {step_s:.1f} s, val {val_eval.score:.1f}, dev {dev_eval.score:.1f}", flush=True)
 
-    # SFT data for the weight-step comparison: what the ``w`` of ``p -> w`` trains on
-    # (round 1's chosen program's passing runs on all 50 training examples, zero-shot prompts).
-    t0 = time.perf_counter()
-    ft = BootstrapFinetune(iris_metric)
-    boot = bootstrap(first, train50, iris_metric, attempts=ft.attempts)
-    groups = ft.sft_examples(first, boot)
-    sft = [e for g in groups.values() for e in g]
-    with open(args.sft, "w") as fh:
-        for e in sft:
-            fh.write(json.dumps({"prompt": e.prompt, "completion": e.completion, "module": e.module}) + "\n")
-    sft_s = time.perf_counter() - t0
-
+    sft_info = sft_data(args, first) if args.sft else None
     return {
         "model_load_s": round(load_s, 2),
         **summarize(rounds),
         "rounds": rounds,
-        "sft": {"examples": len(sft), "from_passing_runs": len(boot.passed), "of": len(train50),
-                "program": "round 1's chosen program", "wall_s": round(sft_s, 2)},
+        "sft": sft_info,
         "settings": {"num_candidates": rs.num_candidates, "max_demos": rs.max_demos,
                      "num_threads": rs.num_threads, "attempts": rs.fewshot.attempts,
                      "engine": {k: str(v) for k, v in lm.options.items()},
                      "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE"),
                      "VLLM_CPU_OMP_THREADS_BIND": os.environ.get("VLLM_CPU_OMP_THREADS_BIND")},
     }
+
+
+def sft_data(args, first) -> dict:
+    """SFT data for the weight-step comparison: what the ``w`` of ``p -> w`` trains on
+    (round 1's chosen program's passing runs on all 50 training examples, zero-shot prompts)."""
+    from tandem.optimize.bootstrap import bootstrap
+    from tandem.optimize.finetune import BootstrapFinetune
+    from tandem.tasks.iris import iris_metric
+
+    train50 = examples(json.loads(Path(args.data).read_text())["train"])
+    t0 = time.perf_counter()
+    ft = BootstrapFinetune(iris_metric)
+    boot = bootstrap(first, train50, iris_metric, attempts=ft.attempts)
+    groups = ft.sft_examples(first, boot.passed)
+    sft = [e for g in groups.values() for e in g]
+    with open(args.sft, "w") as fh:
+        for e in sft:
+            fh.write(json.dumps({"prompt": e.prompt, "completion": e.completion, "module": e.module}) + "\n")
+    return {"examples": len(sft), "from_passing_runs": len(boot.passed), "of": len(train50),
+            "program": "round 1's chosen program", "wall_s": round(time.perf_counter() - t0, 2)}
 
 
 def summarize(rounds: list[dict]) -> dict:
@@ -196,7 +205,8 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("what", choices=["prompt", "train"])
     p.add_argument("--data")
-    p.add_argument("--sft", required=True)
+    p.add_argument("--sft", default=None, help="write the weight step's SFT examples here (prompt: none if unset)")
+    p.add_argument("--partial", default=None, help="prompt: append each finished round here as a JSON line")
     p.add_argument("--out", required=True)
     p.add_argument("--adapter-dir")
     p.add_argument("--threads", type=int, default=0)
