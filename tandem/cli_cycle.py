@@ -115,15 +115,16 @@ def cmd_promote(args: argparse.Namespace) -> int:
 
 def add_cycle_commands(sub, add_command: Callable[..., argparse.ArgumentParser]) -> None:
     d = add_command(sub, "data", help="make data files: from-log turns logged requests with feedback into examples")
-    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND",
+                            help="from-log: examples from a request log")
     f = add_command(dsub, "from-log", help="requests with feedback from a request log (tandem serve --log) "
                                            "as examples of the task, JSON lines")
     f.add_argument("log_dir", metavar="DIR", help="the request log folder (tandem serve --log DIR)")
-    f.add_argument("--out", required=True, help="the examples file to write (JSON lines), e.g. data.jsonl")
+    f.add_argument("--out", required=True, metavar="FILE", help="the examples file to write (JSON lines), e.g. data.jsonl")
     f.add_argument("--split", default=None, metavar="TRAIN,DEV,TEST",
                    help="fractions by request time, e.g. 0.6,0.2,0.2: oldest to train, newest to test "
                         "(default: no splits; tandem optimize then splits at random with its seed)")
-    f.add_argument("--min-score", type=_float, default=1.0,
+    f.add_argument("--min-score", type=_float, default=1.0, metavar="S",
                    help="a feedback with only a score keeps the served answer as the label when the score is at "
                         "least this")
     f.set_defaults(func=cmd_from_log)
@@ -140,15 +141,16 @@ def add_cycle_commands(sub, add_command: Callable[..., argparse.ArgumentParser])
                    help="examples both run on: a tandem data from-log file, or the task's data")
     p.add_argument("--split", default=None, choices=("train", "dev", "test", "all"),
                    help="which examples of --data (default: test when it has one, else all of an examples file)")
-    p.add_argument("--alpha", type=_float, default=0.05, help="significance level of the paired test")
+    p.add_argument("--alpha", type=_float, default=0.05, metavar="A", help="significance level of the paired test")
     p.add_argument("--guard", default=None, metavar="NAME",
                    help="also no worse on: failures, tokens, output_tokens, calls, or module:function (a metric)")
-    p.add_argument("--guard-tolerance", type=_float, default=0.0,
-                   help="how much worse the guard may be (its units: percent points, tokens, calls)")
+    p.add_argument("--guard-tolerance", type=_float, default=0.0, metavar="X",
+                   help="how much worse the guard may be, in its units: percent points, tokens, calls "
+                        "(default 0: not worse at all)")
     p.add_argument("--task", default=None, help="the task (default: the one the programs' runs recorded)")
-    p.add_argument("--limit", type=_count, default=None, help="only the first N examples")
-    p.add_argument("--threads", type=_count, default=64, help="examples run concurrently")
-    p.add_argument("--by", default=None, help="who promotes, for the record (default: user@host)")
+    p.add_argument("--limit", type=_count, default=None, metavar="N", help="only the first N examples")
+    p.add_argument("--threads", type=_count, default=64, metavar="N", help="examples run concurrently")
+    p.add_argument("--by", default=None, metavar="NAME", help="who promotes, for the record (default: user@host)")
     p.add_argument("--notify", default=None, metavar="URL",
                    help="a server to reload afterwards, e.g. http://127.0.0.1:8000 (POST /v1/reload)")
     p.set_defaults(func=cmd_promote)

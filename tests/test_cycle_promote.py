@@ -274,3 +274,26 @@ def test_optimize_from_a_program_of_another_model_or_class_is_one_line(tmp_path,
     assert main([*base, "--from", str(tmp_path / "mod3"), "--model", "fake:m"]) == 2
     assert "holds a fakes:Mod3 program; task iris's program is tandem.tasks.iris:IrisClassifier" in one_error_line(capsys)
     assert not (tmp_path / "r" / "config.json").exists()
+
+
+def test_optimize_from_starts_with_the_saved_prompts_demos_and_adapter(tmp_path):
+    from tandem.experiments.run import start_program
+    from tandem.tasks.registry import get_task
+
+    adapter = tmp_path / "trained" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    saved = iris_program(careful=True)
+    saved.classify.lm = saved.classify.lm.with_adapter(adapter)
+    saved.classify.demos = [{"sepal_length": "5.0", "sepal_width": "3.0", "petal_length": "1.2",
+                             "petal_width": "0.2", "reasoning": "short petals", "species": "setosa"}]
+    saved.save(tmp_path / "saved")
+    cfg = load_config(task="iris", strategy="p", model="fake:m", program_from=str(tmp_path / "saved"))
+    lm = factory("m")
+    start = start_program(cfg, get_task("iris"), None, lm)
+    assert start.classify.lm.adapter == str(tmp_path / "saved" / "adapters" / "adapter")
+    assert start.classify.lm.with_adapter(None).name == lm.name == "m"
+    assert MARKER in start.classify.signature.instructions
+    assert start.classify.demos == saved.classify.demos
+    plain = start_program(load_config(task="iris", strategy="p", model="fake:m"), get_task("iris"), None, lm)
+    assert plain.classify.lm is lm and MARKER not in plain.classify.signature.instructions
