@@ -53,11 +53,12 @@ class StepProgress:
     def __init__(self, bar: Progress, prefix: str = "") -> None:
         self.bar, self.prefix, self.tasks = bar, prefix, {}
 
-    def __call__(self, label: str, done: int, total: int) -> None:
+    def __call__(self, label: str, done: int, total: int, status: str | None = None) -> None:
         key = self.prefix + label
         if key not in self.tasks:
             self.tasks[key] = self.bar.add_task(escape(key), total=total or None)
-        self.bar.update(self.tasks[key], completed=done, total=total or None)
+        shown = {"description": escape(f"{key} ({status})")} if status else {}
+        self.bar.update(self.tasks[key], completed=done, total=total or None, **shown)
 
 
 class LogProgress:
@@ -66,7 +67,8 @@ class LogProgress:
 
     A label that comes again from 0, from 1 after it finished, or with another total (the
     next step's "bootstrap") starts a new phase, its time counted from there; any other
-    smaller count (threads report out of order) is ignored.
+    smaller count (threads report out of order) is ignored. A count that comes with a
+    ``status`` (the RL step's mean reward) is printed each time, with it.
     """
 
     def __init__(self, out: Console, prefix: str = "", interval_s: float = 10.0,
@@ -75,7 +77,7 @@ class LogProgress:
         self.phases: dict[str, dict] = {}
         self.lock = threading.Lock()
 
-    def __call__(self, label: str, done: int, total: int) -> None:
+    def __call__(self, label: str, done: int, total: int, status: str | None = None) -> None:
         key, now = self.prefix + label, self.clock()
         with self.lock:
             phase = self.phases.get(key)
@@ -83,20 +85,21 @@ class LogProgress:
                     or (done == 0 < phase["done"])):
                 phase = self.phases[key] = {"start": now, "printed": now, "done": done, "total": total,
                                             "finished": bool(total) and done >= total}
-                self._line(key, done, total, 0.0)
+                self._line(key, done, total, 0.0, status)
                 return
             if done < phase["done"]:  # threads report out of order: a count that went back is stale
                 return
-            phase["done"] = done
+            advanced, phase["done"] = done > phase["done"], done
             finished = bool(total) and done >= total
-            if (finished and not phase["finished"]) or (not finished and now - phase["printed"] >= self.interval_s):
+            if ((finished and not phase["finished"]) or (status and advanced)
+                    or (not finished and now - phase["printed"] >= self.interval_s)):
                 phase["printed"], phase["finished"] = now, finished
-                self._line(key, done, total, now - phase["start"])
+                self._line(key, done, total, now - phase["start"], status)
 
-    def _line(self, key: str, done: int, total: int, elapsed: float) -> None:
+    def _line(self, key: str, done: int, total: int, elapsed: float, status: str | None = None) -> None:
         count = f"{done}/{total}" if total else str(done)
-        self.out.print(f"{key}: {count} ({elapsed:.0f} s)", markup=False, highlight=False, emoji=False,
-                       soft_wrap=True)
+        self.out.print(f"{key}: {count} ({elapsed:.0f} s)" + (f", {status}" if status else ""), markup=False,
+                       highlight=False, emoji=False, soft_wrap=True)
 
 
 @contextmanager

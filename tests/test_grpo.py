@@ -314,6 +314,6 @@ def test_run_cell_gives_the_rl_step_the_config_settings(monkeypatch, tmp_path):
 
     monkeypatch.setattr(optimize, "GRPO", Recording)
     cfg = load_config(overrides=["strategy=r", "rl.steps=3", "rl.rollouts=2", "sizes=10,10,10"])
-    with pytest.raises(Exception):  # noqa: B017 - the LM is not one; only the construction matters here
-        run_cell(cfg, lm=object(), run_dir=tmp_path / "run")
+    with pytest.raises(TypeError, match="no local checkpoint"):  # a FakeLM cannot train: construction is what counts
+        run_cell(cfg, lm=FakeLM(lambda text: " r\nY: 1"), run_dir=tmp_path / "run")
     assert seen and seen[0].steps == 3 and seen[0].rollouts == 2

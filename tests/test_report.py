@@ -173,3 +173,66 @@ def test_loss_parts_fall_back_to_history_and_skip_other_adapter_records(tmp_path
     (parts,) = loss_parts(tmp_path, history)  # no adapter folder: the last five losses history.json kept
     assert parts["step"] == 1 and parts["losses"] == LOSSES[-5:] and not parts["whole"]
     assert parts["row"][-1] == "last 5 steps only"
+
+
+# -- the RL step's reward curve ---------------------------------------------------------------------------
+def seeded_iris(text: str, params) -> str:
+    """Right for odd sampling seeds, 'setosa' for even ones: rollouts of one example differ."""
+    pl = _petal(text)
+    right = "setosa" if pl < 2.5 else "versicolor" if pl < 4.85 else "virginica"
+    return f" r\nSpecies: {right if (params.seed or 0) % 2 else 'setosa'}"
+
+
+class RecordingPolicy:
+    """A Policy stand-in: counts updates, saves tandem_adapter.json as Policy.save does."""
+
+    def __init__(self, model_dir, lora, **kw):
+        self.n, self.trainable_params = 0, 10
+
+    def update(self, items):
+        from tandem.train.grpo import UpdateStats
+
+        self.n += 1
+        return UpdateStats(len(items), 0, 7 * len(items), 0.5 / self.n, None, 0.0, 1.0, 0.01)
+
+    def save(self, out_dir, training=None):
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "adapter_config.json").write_text("{}")
+        (out / "tandem_adapter.json").write_text(json.dumps({"training": {"updates": self.n, **(training or {})}}))
+        return out
+
+
+def test_run_report_plots_and_tabulates_the_rl_reward_curve(tmp_path, monkeypatch):
+    import tandem.optimize as optimize
+
+    class FakeGRPO(optimize.GRPO):
+        def __init__(self, metric, settings=None, **kw):
+            super().__init__(metric, settings, policy_factory=RecordingPolicy, **kw)
+
+    monkeypatch.setattr(optimize, "GRPO", FakeGRPO)
+    lm = FakeLM(seeded_iris)
+    lm.model_dir = tmp_path
+    cfg = load_config(None, ["sizes=30,15,15", "threads=8", "rl.steps=3", "rl.batch_size=2", "rl.rollouts=4"],
+                      task="iris", strategy="r")
+    run_cell(cfg, lm, run_dir=tmp_path / "run")
+    history = json.loads((tmp_path / "run" / "results.json").read_text())["history"]
+    r = history[-1]
+    steps = r["extra"]["steps"]
+    assert r["kind"] == "r" and r["status"] == "ok" and len(steps) == 3
+    assert {"reward_std", "reward_min", "reward_max", "usage", "trained_tokens", "sync_s"} <= set(steps[0])
+    assert set(r["extra"]["phases_s"]) == {"rollout", "train", "sync", "checkpoint"}
+    assert r["extra"]["tokens"]["trained"] == sum(s["trained_tokens"] for s in steps) > 0
+
+    path, md = write_report(tmp_path / "run")
+    text = path.read_text()
+    section = text.split("<h2>RL reward curve</h2>")[1].split("<h2>")[0]
+    assert "alt='RL reward curve'" in section
+    for s in steps:  # one row per RL step: its number, mean reward, std and equal-reward groups
+        assert re.search(rf"<td class='num'>{s['step']}</td><td class='num'>{s['mean_reward']:.3f}</td>"
+                         rf"<td class='num'>{s['reward_std']:.3f}</td>", section), s
+        assert f"<td>{s['zero_variance_groups']}/{s['groups']}</td>" in section
+    assert "<td>adapter-step003</td><td class='num'>3</td><td>classify</td>" in section  # the LoRA it ended with
+    first, last = steps[0]["mean_reward"], steps[-1]["mean_reward"]
+    assert f"step 1 RL mean reward: {first:.3f} -> {last:.3f} over 3 RL steps" in md
+    assert "no weight step trained an adapter" in text  # the RL step's adapters are not read as SFT records

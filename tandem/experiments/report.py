@@ -19,6 +19,9 @@ experiment. A run's report holds:
 - each prompt step's candidates with their scores (the chosen one marked);
 - each weight step's LoRA training loss curve (the whole curve from the
   adapter's ``tandem_adapter.json``; history.json keeps its last five);
+- each RL step's reward curve: per RL step the mean reward with its spread,
+  the groups whose rewards were all equal (they teach nothing), failures,
+  loss, time per phase and tokens, plotted and as a table;
 - the returned program's instructions and demos (``final/program.json``);
 - test examples the optimization fixed and broke: the zero-shot program's
   records (``baseline_records.json``) against the returned program's
@@ -228,6 +231,49 @@ LOSS_HEADER = ["step", "adapter", "modules", "examples", "optimizer steps", "fir
                "training s", "serve setup s", "curve"]
 
 
+def rl_parts(run_dir: Path, history: list[dict]) -> list[dict]:
+    """Each RL step's reward curve (its record's ``extra["steps"]``): per RL step the mean reward, its
+    spread, the groups whose rewards were all equal, failures, loss, time per phase and tokens; the
+    step's totals per phase, and the LoRA(s) it ended with (``extra["adapters"]``)."""
+    first, out = step_offset(history), []
+    for i, h in enumerate(history):
+        extra = h.get("extra") or {}
+        steps = extra.get("steps")
+        if not isinstance(steps, list) or not steps or not all(isinstance(s, dict) and "mean_reward" in s
+                                                               for s in steps):
+            continue
+        rows = [[s.get("step", j + 1), fmt(s["mean_reward"], 3), fmt(s.get("reward_std"), 3),
+                 f"{fmt(s.get('reward_min'), 2)} – {fmt(s.get('reward_max'), 2)}",
+                 f"{s.get('zero_variance_groups', '–')}/{s.get('groups', '–')}", failures_text(s.get("failures")),
+                 fmt(s.get("loss"), 4), fmt(s.get("rollout_s")), fmt(s.get("train_s")), fmt(s.get("sync_s")),
+                 fmt(s.get("checkpoint_s")), tokens(s.get("usage")) if s.get("usage") else "–",
+                 s.get("trained_tokens", "–")] for j, s in enumerate(steps)]
+        adapters = []
+        for key, path in (extra.get("adapters") or {}).items():
+            if isinstance(path, str):
+                training = ((_adapter_meta(run_dir, path) or {}).get("training") or {})
+                adapters.append([key, Path(path).name, training.get("updates", "–"),
+                                 ", ".join(training.get("modules") or []) or "–"])
+        phases = extra.get("phases_s") or {}
+        out.append({
+            "step": first + i, "kind": h["kind"], "detail": h.get("detail", ""), "rows": rows, "adapters": adapters,
+            "means": [s["mean_reward"] for s in steps], "stds": [s.get("reward_std") or 0.0 for s in steps],
+            "zero_shares": [s.get("zero_variance_share") or 0.0 for s in steps],
+            "first": steps[0]["mean_reward"], "last": steps[-1]["mean_reward"], "n": len(steps),
+            "zero": sum(s.get("zero_variance_groups") or 0 for s in steps),
+            "groups": sum(s.get("groups") or 0 for s in steps),
+            "phases": [[name, fmt(phases.get(key))] for key, name in (
+                ("rollout", "rollouts"), ("train", "training"), ("sync", "putting the LoRA on the engine"),
+                ("checkpoint", "checkpoints"))],
+            "tokens": extra.get("tokens") or {}, "resumed": extra.get("resumed_after_step"),
+        })
+    return out
+
+
+RL_HEADER = ["RL step", "mean reward", "std", "min – max", "equal-reward groups", "failures", "loss", "rollouts s",
+             "training s", "sync s", "checkpoint s", "rollout tokens", "trained tokens"]
+
+
 def _adapter_meta(run_dir: Path, key: str) -> dict | None:
     """tandem_adapter.json of an adapter recorded as ``key`` (a path as the run saw it)."""
     p = Path(key)
@@ -287,7 +333,8 @@ def run_context(run_dir: Path, max_examples: int, plots: bool) -> dict:
     ]
     labels = [f"{first + i}: {h['kind']}" for i, h in enumerate(history)]
     losses = loss_parts(run_dir, history)
-    figures = {"scores": None, "costs": None, "loss": None}
+    rl = rl_parts(run_dir, history)
+    figures = {"scores": None, "costs": None, "loss": None, "reward": None}
     if plots and history:
         returned = (best + first, res["test_score"]) if best is not None and res.get("test_score") is not None else None
         figures = {
@@ -298,6 +345,8 @@ def run_context(run_dir: Path, max_examples: int, plots: bool) -> dict:
             "costs": report_plots.run_costs(labels, [h.get("wall_s") or 0.0 for h in history],
                                             [tokens(h.get("usage")) for h in history]),
             "loss": report_plots.loss_curves([(f"step {x['step']} · {x['adapter']}", x["losses"]) for x in losses]),
+            "reward": report_plots.reward_curves([(f"step {x['step']} ({x['kind']})", x["means"], x["stds"],
+                                                   x["zero_shares"]) for x in rl]),
         }
     times = time_rows(res, base)
     return {
@@ -307,6 +356,7 @@ def run_context(run_dir: Path, max_examples: int, plots: bool) -> dict:
         "notes": res.get("notes") or [], "times": times, "settings": setting_rows(cfg, ("resolved",)),
         "steps": step_rows(history), "step_header": STEP_HEADER, "history": history,
         "candidates": candidate_parts(history), "losses": losses, "loss_header": LOSS_HEADER,
+        "rl": rl, "rl_header": RL_HEADER,
         "figures": figures, "program": program_parts(run_dir), "changes": change_parts(run_dir, max_examples),
         "res": res, "time_line": ", ".join(f"{r[0]} {r[1]} s" for r in times if r[1] != "–"),
     }

@@ -1,6 +1,6 @@
 """``tandem report OUT`` for an experiment: the results table (from the numbers, not from table.md), the
 settings and time, then per (task, model) its plots, intervals and paired tests, and each run's details
-(steps, candidates, losses, final program, fixed / broken examples); ``report.py`` has the rest.
+(steps, candidates, losses, RL reward tables, final program, fixed / broken examples); ``report.py`` has the rest.
 
 - ``score_plots``: validation score after each step (mean over runs, min–max
   band; step 0 is the starting program: a run's ``start`` history record, or

@@ -79,3 +79,28 @@ def loss_curves(curves: list[tuple[str, list[float]]]) -> dict | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     return png(fig, "LoRA training loss")
+
+
+def reward_curves(curves: list[tuple[str, list[float], list[float], list[float]]]) -> dict | None:
+    """Each RL step's reward curve (label, mean reward, its std, share of equal-reward groups per RL step):
+    the mean with a band of one std, and the share of groups that taught nothing as bars below."""
+    curves = [c for c in curves if c[1]]
+    if not curves:
+        return None
+    plt = pyplot()
+    fig, (ax, bx) = plt.subplots(2, 1, figsize=(7.5, 4.4), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = 0.8 / len(curves)
+    for k, (label, means, stds, zero) in enumerate(curves):
+        xs = list(range(1, len(means) + 1))
+        line = ax.plot(xs, means, "o-" if len(means) < 30 else "-", ms=3, label=label)[0]
+        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
+                        color=line.get_color(), alpha=0.15)
+        bx.bar([x - 0.4 + width * (k + 0.5) for x in xs], zero, width=width, color=line.get_color(), alpha=0.6)
+    ax.set_ylabel("mean reward (± std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    bx.set_ylabel("share of\nequal-reward\ngroups", fontsize=7)
+    bx.set_ylim(0, 1)
+    bx.set_xlabel("RL step")
+    bx.grid(alpha=0.3)
+    return png(fig, "RL reward curve")

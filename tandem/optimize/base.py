@@ -11,6 +11,9 @@ the same way, its own ``p`` and ``w`` and any registered with
 ``optimizers={"name": optimizer}``: with a ``progress(label, done, total)``
 callback (the CLI draws bars with it) and an ``out_dir`` for the files the
 step writes (adapters, logs), ``steps/NN-name/out/`` of the run directory.
+A callback may also take a keyword ``status`` (a short text shown with
+the bar, such as the RL step's "mean reward 0.412"); optimizers pass it
+through ``report``, which leaves it out for a callback that does not take it.
 An optimizer that sets ``restarts_prompts = True`` (RandomSearch) is a
 prompt optimizer: it is given the original prompts on the current weights,
 and two disjoint parts of the training set.
@@ -97,6 +100,24 @@ def check_optimizer(name: str, opt: object) -> None:
             "it is called as compile(program, *, trainset, valset, seed, progress, out_dir) "
             "(tandem.optimize.base.Optimizer)"
         )
+
+
+def report(progress: Progress | None, label: str, done: int, total: int, status: str | None = None) -> None:
+    """Call ``progress(label, done, total)``, with ``status=`` when given and the callback takes it."""
+    if progress is None:
+        return
+    if status is not None and _takes_status(progress):
+        progress(label, done, total, status=status)
+    else:
+        progress(label, done, total)
+
+
+def _takes_status(fn: Callable) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return "status" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
 
 def usage_dict(u: Usage) -> dict:

@@ -25,8 +25,18 @@ vLLM), so the next rollouts sample from the new weights.
 An LM that already has an adapter (``w -> r``) is trained on from it; the
 KL reference is the base model. Prompts (demos included) are kept as they
 are: the program is trained as it runs. Per step, ``rl_history.json`` in
-``out_dir`` records the mean reward, the share of zero-variance groups, the
-loss, failures and wall times.
+``out_dir`` and the step record's ``extra["steps"]`` hold the reward curve
+(mean, spread, the share of groups with equal rewards), the loss, failures,
+tokens (rollouts' and trained) and the time per phase (rollouts, training,
+sync, checkpoint). ``progress("rl steps", done, total, status="mean reward
+...")`` after each RL step (``tandem.optimize.base.report``).
+
+Checkpoints (``tandem.optimize.grpo_checkpoint``): every
+``checkpoint_every`` RL steps (default: at every sync) and after the last,
+the LoRA, its AdamW state, the data order and the history so far go to
+``out_dir/checkpoint/``; ``compile`` with an ``out_dir`` holding a checkpoint
+of the same run continues after it (BetterTogether hands a step it re-runs
+on resume the same ``out_dir``).
 """
 
 from __future__ import annotations
@@ -38,78 +48,22 @@ import random
 import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from tandem.evaluate.evaluate import Metric, run_example
 from tandem.lm.base import LM, Usage
-from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
+from tandem.optimize import grpo_checkpoint as checkpoint
+from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset, report
+from tandem.optimize.grpo_settings import GRPOSettings
 from tandem.program.example import Example
 from tandem.program.module import Module
 from tandem.program.predict import sampling_override
-from tandem.train import LoRAConfig
 from tandem.train.grpo import Policy, PolicyItem
 
 log = logging.getLogger(__name__)
 
 ADV_EPS = 1e-4  # added to the group's std (TRL's value)
-
-
-@dataclass(frozen=True)
-class GRPOSettings:
-    """The RL step's settings (``[rl]`` in a run config); ``check()`` gives one-line errors."""
-
-    steps: int = 10  # RL steps (one update each)
-    batch_size: int = 4  # training examples per step
-    rollouts: int = 4  # n: program runs per example; advantages compare them
-    temperature: float = 0.7  # rollouts' sampling; at 1.0 SmolLM2-135M rambles (docs/training.md)
-    learning_rate: float = 1e-4  # AdamW on the LoRA; not measured yet
-    clip_epsilon: float = 0.2  # PPO/GRPO clip range of the ratio
-    beta: float = 0.0  # KL to the base model (k3); 0 as TRL's default: no reference forward
-    format_penalty: float = 0.0  # subtracted from the reward of a run whose reply did not parse
-    max_tokens: int | None = None  # new tokens per LM call in rollouts; None: each predictor's own
-    per_module: bool = False  # one LoRA per module instead of one per LM
-    updates: int = 1  # optimizer steps per RL step on the same rollouts (mu)
-    micro_batch: int = 8  # completions per forward pass (gradient accumulation)
-    sync_every: int = 1  # updates between putting the new LoRA on the engine
-    lora: LoRAConfig = LoRAConfig()  # rank, alpha, targets, max_length, max_grad_norm, seed, device
-
-    def check(self) -> "GRPOSettings":
-        """Raise a one-line ValueError naming the first bad setting; return self."""
-        ints = {"steps": 1, "batch_size": 1, "rollouts": 2, "updates": 1, "micro_batch": 1, "sync_every": 1}
-        for name, low in ints.items():
-            v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < low:
-                why = " (advantages compare the rollouts of one example)" if name == "rollouts" else ""
-                raise ValueError(f"RL setting `{name}` must be an integer >= {low}{why}, got {v!r}")
-        for name, positive in (("temperature", True), ("learning_rate", True), ("clip_epsilon", True),
-                               ("beta", False), ("format_penalty", False)):
-            v = getattr(self, name)
-            bad = not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
-            if bad or v < 0 or (positive and v == 0):
-                raise ValueError(f"RL setting `{name}` must be a number {'> 0' if positive else '>= 0'}, got {v!r}")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
-                                            or self.max_tokens < 1):
-            raise ValueError(f"RL setting `max_tokens` must be an integer >= 1 (or unset), got {self.max_tokens!r}")
-        if not isinstance(self.per_module, bool):
-            raise ValueError(f"RL setting `per_module` must be true or false, got {self.per_module!r}")
-        if not isinstance(self.lora, LoRAConfig) or self.lora.method != "lora":
-            raise ValueError("RL setting `lora` must be a LoRAConfig with method 'lora': the RL step trains a LoRA")
-        return self
-
-    @classmethod
-    def from_dict(cls, values: dict, lora: LoRAConfig = LoRAConfig()) -> "GRPOSettings":
-        """Settings from a config table (unknown names are a one-line error), checked."""
-        known = [f.name for f in fields(cls) if f.name != "lora"]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"unknown RL setting(s) {unknown}; known: {known}")
-        return cls(**values, lora=lora).check()
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["lora"] = self.lora.to_dict()
-        return d
 
 
 @dataclass
@@ -188,7 +142,11 @@ class GRPO:
     # -- the step -----------------------------------------------------------------------
     def compile(self, program: Module, *, trainset: list[Example], valset: list[Example] | None = None,
                 seed: int = 0, progress: Progress | None = None, out_dir: str | Path | None = None) -> CompileResult:
-        """``steps`` RL steps on ``trainset``; ``valset`` is not used (BetterTogether scores the result)."""
+        """``steps`` RL steps on ``trainset``; ``valset`` is not used (BetterTogether scores the result).
+
+        When ``out_dir`` holds a checkpoint of this run (same settings, seed, metric, trainset and
+        program: ``grpo_checkpoint``), the step continues after it instead of starting over.
+        """
         check_dataset("trainset", trainset)
         s = self.settings
         out_dir = Path(out_dir or self.out_dir or "rl")
@@ -201,22 +159,34 @@ class GRPO:
             g["base"].model_dir, lora, learning_rate=s.learning_rate, clip_epsilon=s.clip_epsilon, beta=s.beta,
             updates=s.updates, micro_batch=s.micro_batch, adapter=g["adapter"]) for key, g in groups.items()}
         module_key = {name: key for key, g in groups.items() for name in g["modules"]}
+        ident = checkpoint.identity(s.to_dict(), seed=seed, metric=self.metric, trainset=trainset, program=program,
+                                    policy_factory=self.policy_factory)
+        every = s.sync_every if s.checkpoint_every is None else s.checkpoint_every
+        if every and not all(hasattr(p, "save_state") for p in policies.values()):
+            log.warning("RL step: the trainer %r cannot save its state; no checkpoints", self.policy_factory)
+            every = 0
 
         rng = random.Random(seed)
-        order: list[int] = []
+        run = {"order": [], "history": [], "items_total": 0, "updates_total": 0, "elapsed_s": 0.0}
         usage = Usage()
-        history: list[dict] = []
+        served: dict[str, tuple[LM, Path, int]] = {}  # group -> (LM, LoRA folder, RL step it was saved at)
+        found = checkpoint.read(out_dir, ident)
+        if found is not None:
+            run = self._restore(found, out_dir, rng, usage, preds, groups, policies, served)
+            _write_history(out_dir, s, run["history"])
+        history, first = run["history"], len(run["history"])
         pending: set[str] = set()  # groups updated since their LoRA last reached the engine
-        served: dict[str, tuple[LM, Path]] = {}
-        items_total = updates_total = 0
-        for step in range(s.steps):
+        report(progress, "rl steps", first, s.steps)
+        for step in range(first, s.steps):
             t0 = time.perf_counter()
-            while len(order) < s.batch_size:  # epochs of a seeded shuffle
+            while len(run["order"]) < s.batch_size:  # epochs of a seeded shuffle
                 more = list(range(len(trainset)))
                 rng.shuffle(more)
-                order += more
-            batch_ids, order = order[:s.batch_size], order[s.batch_size:]
-            runs = self.rollouts(new, [trainset[i] for i in batch_ids], step, seed, usage)
+                run["order"] += more
+            batch_ids, run["order"] = run["order"][:s.batch_size], run["order"][s.batch_size:]
+            step_usage = Usage()
+            runs = self.rollouts(new, [trainset[i] for i in batch_ids], step, seed, step_usage)
+            usage.merge(step_usage)
             rollout_s = time.perf_counter() - t0
             rec = self._advantages(runs, len(batch_ids))
             items: dict[str, list[PolicyItem]] = {}
@@ -231,47 +201,84 @@ class GRPO:
                         continue
                     items.setdefault(key, []).append(PolicyItem(e.prompt, e.completion, r.advantage, e.predictor))
             rec.update(step=step + 1, examples=batch_ids, rollout_s=round(rollout_s, 2), untrained_calls=unknown,
-                       items={k: len(v) for k, v in items.items()}, updates={})
+                       items={k: len(v) for k, v in items.items()}, updates={}, usage=step_usage.to_dict())
             t1 = time.perf_counter()
             for key, its in sorted(items.items()):
                 stats = policies[key].update(module_weights(its))
                 if stats is not None:
                     rec["updates"][key] = stats.to_dict()
                     pending.add(key)
-                    items_total += stats.items
-                    updates_total += 1
+                    run["items_total"] += stats.items
+                    run["updates_total"] += 1
             rec["train_s"] = round(time.perf_counter() - t1, 2)
             losses = [u["loss"] for u in rec["updates"].values()]
             rec["loss"] = sum(losses) / len(losses) if losses else None
+            rec["trained_tokens"] = sum(u["tokens"] for u in rec["updates"].values())
             t2 = time.perf_counter()
             if pending and ((step + 1) % s.sync_every == 0 or step + 1 == s.steps):
                 rec["adapters"] = self._sync(new, preds, groups, policies, pending, served, out_dir, step + 1)
                 pending = set()
             rec["sync_s"] = round(time.perf_counter() - t2, 2)
-            rec["wall_s"] = round(time.perf_counter() - t0, 2)
             history.append(rec)
+            rec["wall_s"] = round(time.perf_counter() - t0, 2)
+            if every and ((step + 1) % every == 0 or step + 1 == s.steps):  # adds checkpoint_s to rec
+                run["elapsed_s"] += time.perf_counter() - start
+                start = time.perf_counter()
+                served_at = {k: [str(v[1].relative_to(out_dir)), v[2]] for k, v in served.items()}
+                state = {"identity": ident, "step": step + 1, "rng": rng.getstate(), "usage": usage.to_dict(),
+                         "served": served_at, **run}
+                checkpoint.write(out_dir, state, policies, sorted(groups))
             _write_history(out_dir, s, history)
             log.info("RL step %d/%d: mean reward %.3f, %d of %d groups without variance, loss %s",
                      step + 1, s.steps, rec["mean_reward"], rec["zero_variance_groups"], rec["groups"], rec["loss"])
-            if progress:
-                progress("rl steps", step + 1, s.steps)
+            report(progress, "rl steps", step + 1, s.steps, status=f"mean reward {rec['mean_reward']:.3f}")
+        run["elapsed_s"] += time.perf_counter() - start
+        return self._result(program, new, history, run, usage, policies, served, first)
 
-        summary = StepRecord(0, "r", usage=usage.to_dict(), train_examples=items_total,
+    def _result(self, program, new, history, run, usage, policies, served, first) -> CompileResult:
+        """The step's record: the reward curve (``extra["steps"]``), totals per phase, tokens, adapters."""
+        s = self.settings
+        summary = StepRecord(0, "r", usage=usage.to_dict(), train_examples=run["items_total"],
                              trainable_params=sum(p.trainable_params for p in policies.values()))
-        summary.wall_s = time.perf_counter() - start
-        first, last = history[0]["mean_reward"], history[-1]["mean_reward"]
+        summary.wall_s = run["elapsed_s"]
+        first_r, last_r = history[0]["mean_reward"], history[-1]["mean_reward"]
         zero = sum(h["zero_variance_groups"] for h in history)
         n_groups = sum(h["groups"] for h in history)
+        phases = {name: round(sum(h.get(f"{name}_s") or 0.0 for h in history), 2)
+                  for name in ("rollout", "train", "sync", "checkpoint")}
         summary.extra = {"settings": s.to_dict(), "steps": history,
-                         "adapters": {k: str(v[1]) for k, v in served.items()}}
-        summary.detail = (f"{s.steps} RL steps, {updates_total} updates on {items_total} module calls; mean reward "
-                          f"{first:.3f} (step 1) -> {last:.3f} (step {s.steps}); {zero} of {n_groups} groups had "
-                          "equal rewards")
+                         "adapters": {k: str(v[1]) for k, v in served.items()}, "phases_s": phases,
+                         "tokens": {"rollouts": usage.prompt_tokens + usage.output_tokens,
+                                    "trained": sum(h.get("trained_tokens") or 0 for h in history)},
+                         "resumed_after_step": first or None}
+        summary.detail = (f"{s.steps} RL steps, {run['updates_total']} updates on {run['items_total']} module calls; "
+                          f"mean reward {first_r:.3f} (step 1) -> {last_r:.3f} (step {s.steps}); {zero} of "
+                          f"{n_groups} groups had equal rewards")
+        if first:
+            summary.detail += f"; resumed after RL step {first}"
         if not served:
             summary.status = "nothing_to_train"
             summary.detail += ": nothing to train on"
             return CompileResult(program.deepcopy(), [summary])
         return CompileResult(new, [summary])
+
+    def _restore(self, found, out_dir: Path, rng, usage, preds, groups, policies, served) -> dict:
+        """Continue from a checkpoint: the trainers' state, the data order, and the LoRAs back on the LM."""
+        state, folder = found
+        v, internal, gauss = state["rng"]
+        rng.setstate((v, tuple(internal), gauss))
+        for k, n in state["usage"].items():
+            setattr(usage, k, n)
+        for key, sub in state["policies"].items():
+            policies[key].load_state(folder / sub)
+        keep = {rel for rel, _ in state["served"].values()}
+        for old in (out_dir / "adapters").glob("*"):  # folders of steps after the checkpoint
+            if str(old.relative_to(out_dir)) not in keep:
+                shutil.rmtree(old, ignore_errors=True)
+        for key, (rel, step) in state["served"].items():  # saved again as _sync saved it: the same weights
+            self._serve(preds, groups[key], policies[key], served, key, out_dir / rel, step)
+        log.info("RL step: resuming from %s, after RL step %d of %d", folder, state["step"], self.settings.steps)
+        return {k: state[k] for k in ("order", "history", "items_total", "updates_total", "elapsed_s")}
 
     def _policy_groups(self, preds: dict) -> dict[str, dict]:
         """The LoRAs to train: one per base LM (or per module), with their modules and starting adapter."""
@@ -308,9 +315,11 @@ class GRPO:
             for r, a in zip(group, adv or [None] * len(group)):
                 r.advantage = a
         rewards = [r.reward for r in runs if r.failure != "lm"]
-        return {"mean_reward": sum(rewards) / len(rewards) if rewards else 0.0, "rollouts": len(runs),
-                "groups": n_examples, "zero_variance_groups": zero, "zero_variance_share": zero / n_examples,
-                "failures": failures}
+        mean = sum(rewards) / len(rewards) if rewards else 0.0
+        std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / len(rewards)) if rewards else 0.0
+        return {"mean_reward": mean, "reward_std": std, "reward_min": min(rewards, default=None),
+                "reward_max": max(rewards, default=None), "rollouts": len(runs), "groups": n_examples,
+                "zero_variance_groups": zero, "zero_variance_share": zero / n_examples, "failures": failures}
 
     def _sync(self, program, preds, groups, policies, pending, served, out_dir: Path, step: int) -> dict:
         """Save the updated LoRAs and put them on the program's LM (the weight step's path)."""
@@ -318,20 +327,24 @@ class GRPO:
         for gi, key in enumerate(sorted(groups)):
             if key not in pending:
                 continue
-            g = groups[key]
             name = f"adapter-{gi}" if len(groups) > 1 else "adapter"
-            adir = policies[key].save(out_dir / "adapters" / f"{name}-step{step:03d}", {"rl_step": step,
-                                                                                         "modules": g["modules"]})
-            tuned = g["base"].with_adapter(adir)
-            tuned.start()  # merge + reload (CPU vLLM) or adapter load
-            for n in g["modules"]:
-                preds[n].lm = tuned
+            adir = out_dir / "adapters" / f"{name}-step{step:03d}"
             old = served.get(key)
-            served[key] = (tuned, adir)
+            self._serve(preds, groups[key], policies[key], served, key, adir, step)
             if old is not None:  # the previous LoRA's folder: no longer served (the engine holds its own copy)
                 shutil.rmtree(old[1], ignore_errors=True)
             out[key] = str(adir)
         return out
+
+    @staticmethod
+    def _serve(preds, group: dict, policy, served: dict, key: str, adir: Path, step: int) -> None:
+        """Save ``policy``'s LoRA to ``adir`` and put it on the group's modules' LM."""
+        policy.save(adir, {"rl_step": step, "modules": group["modules"]})
+        tuned = group["base"].with_adapter(adir)
+        tuned.start()  # merge + reload (CPU vLLM) or adapter load
+        for n in group["modules"]:
+            preds[n].lm = tuned
+        served[key] = (tuned, adir, step)
 
 
 def _write_history(out_dir: Path, settings: GRPOSettings, history: list[dict]) -> None:

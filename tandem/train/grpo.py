@@ -33,6 +33,8 @@ The model body runs under bf16 autocast where the hardware has native bf16
 (``tandem.train.lora.bf16_supported``); the LoRA weights and AdamW state are
 fp32. ``save`` writes the folder ``train_lora`` writes (PEFT files plus
 ``tandem_adapter.json``), so every backend's ``with_adapter`` loads it.
+``save_state`` / ``load_state`` write and read a checkpoint: that LoRA plus
+the AdamW state, so a resumed run trains on as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -50,6 +52,8 @@ from tandem.train.lora import (
 from tandem.train.sft import SFTExample, tokenize_example
 
 log = logging.getLogger(__name__)
+
+TRAINER_STATE = "trainer.pt"  # save_state's AdamW state, update count, attention and RNG
 
 
 @dataclass(frozen=True)
@@ -119,7 +123,13 @@ class Policy:
         self._model = None
 
     # -- loading -----------------------------------------------------------------------
-    def _load(self, longest: int) -> None:
+    @property
+    def loaded(self) -> bool:
+        """Whether the model is loaded (after the first update): only then is there state to save."""
+        return self._model is not None
+
+    def _load(self, longest: int, *, source: Path | None = None, attention: str | None = None) -> None:
+        """Load the model with a LoRA: ``source`` (a checkpoint's) or ``adapter`` or a fresh one."""
         import torch
         from transformers import AutoConfig, AutoTokenizer
 
@@ -129,14 +139,14 @@ class Policy:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.pad_id = padding_id(self.tokenizer)
         # Attention is chosen once, for the first update's longest item (micro-batch rows).
-        self.attention = pick_attention(replace(cfg, batch_size=self.micro_batch), self.device,
-                                        AutoConfig.from_pretrained(self.model_dir), longest)
+        self.attention = attention or pick_attention(replace(cfg, batch_size=self.micro_batch), self.device,
+                                                     AutoConfig.from_pretrained(self.model_dir), longest)
         if self.adapter is not None and (self.adapter / "tandem_adapter.json").exists():
             from tandem.train.adapter import check_adapter_base
 
             check_adapter_base(self.adapter, self.model_dir)
         self._causal_lm, self._model = load_trainable(self.model_dir, cfg, device=self.device, bf16=self.bf16,
-                                                      attention=self.attention, adapter=self.adapter)
+                                                      attention=self.attention, adapter=source or self.adapter)
         if self.adapter is not None:  # the adapter's own shape, for the saved metadata
             pc = self._model.peft_config["default"]
             self.lora = replace(cfg, rank=pc.r, alpha=pc.lora_alpha, dropout=pc.lora_dropout,
@@ -240,6 +250,32 @@ class Policy:
             kl=kl_sum / tokens if self.beta else None, clip_fraction=clipped / tokens, grad_norm=grad_norm,
             wall_s=time.perf_counter() - start,
         )
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def save_state(self, out_dir: str | os.PathLike) -> Path:
+        """Everything a later ``load_state`` needs to train on exactly as this object would: the LoRA
+        (``adapter/``, as ``save`` writes it) and ``trainer.pt`` (the AdamW state, the update count,
+        the attention implementation and torch's CPU RNG state, which LoRA dropout draws from)."""
+        import torch
+
+        out = Path(out_dir)
+        self.save(out / "adapter", {"checkpoint": True})
+        torch.save({"optimizer": self._opt.state_dict(), "n_updates": self.n_updates, "attention": self.attention,
+                    "torch_rng": torch.get_rng_state()}, out / TRAINER_STATE)
+        return out
+
+    def load_state(self, state_dir: str | os.PathLike) -> None:
+        """Load the model with the LoRA and AdamW state ``save_state`` wrote (the RNG too, if the LoRA
+        has dropout); ``adapter`` stays the one the policy started from (its saved metadata names it)."""
+        import torch
+
+        state_dir = Path(state_dir)
+        state = torch.load(state_dir / TRAINER_STATE, map_location="cpu", weights_only=True)
+        self._load(0, source=state_dir / "adapter", attention=state["attention"])
+        self._opt.load_state_dict(state["optimizer"])
+        self.n_updates = int(state["n_updates"])
+        if self.lora.dropout:
+            torch.set_rng_state(state["torch_rng"])
 
     def save(self, out_dir: str | os.PathLike, training: dict | None = None) -> Path:
         """The current LoRA as ``train_lora`` saves it (PEFT files + tandem_adapter.json); returns the folder."""

@@ -1,0 +1,72 @@
+"""The RL step's settings, ``GRPOSettings`` (``[rl]`` in a run config); ``tandem.optimize.grpo`` uses them."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+from tandem.train import LoRAConfig
+
+
+@dataclass(frozen=True)
+class GRPOSettings:
+    """The RL step's settings (``[rl]`` in a run config); ``check()`` gives one-line errors."""
+
+    steps: int = 10  # RL steps (one update each)
+    batch_size: int = 4  # training examples per step
+    rollouts: int = 4  # n: program runs per example; advantages compare them
+    temperature: float = 0.7  # rollouts' sampling; at 1.0 SmolLM2-135M rambles (docs/training.md)
+    learning_rate: float = 1e-4  # AdamW on the LoRA; not measured yet
+    clip_epsilon: float = 0.2  # PPO/GRPO clip range of the ratio
+    beta: float = 0.0  # KL to the base model (k3); 0 as TRL's default: no reference forward
+    format_penalty: float = 0.0  # subtracted from the reward of a run whose reply did not parse
+    max_tokens: int | None = None  # new tokens per LM call in rollouts; None: each predictor's own
+    per_module: bool = False  # one LoRA per module instead of one per LM
+    updates: int = 1  # optimizer steps per RL step on the same rollouts (mu)
+    micro_batch: int = 8  # completions per forward pass (gradient accumulation)
+    sync_every: int = 1  # updates between putting the new LoRA on the engine
+    checkpoint_every: int | None = None  # RL steps between checkpoints (a multiple of sync_every); None: at
+    #   every sync; 0: none. Also after the last step. (tandem.optimize.grpo_checkpoint)
+    lora: LoRAConfig = LoRAConfig()  # rank, alpha, targets, max_length, max_grad_norm, seed, device
+
+    def check(self) -> "GRPOSettings":
+        """Raise a one-line ValueError naming the first bad setting; return self."""
+        ints = {"steps": 1, "batch_size": 1, "rollouts": 2, "updates": 1, "micro_batch": 1, "sync_every": 1}
+        for name, low in ints.items():
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                why = " (advantages compare the rollouts of one example)" if name == "rollouts" else ""
+                raise ValueError(f"RL setting `{name}` must be an integer >= {low}{why}, got {v!r}")
+        for name, positive in (("temperature", True), ("learning_rate", True), ("clip_epsilon", True),
+                               ("beta", False), ("format_penalty", False)):
+            v = getattr(self, name)
+            bad = not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+            if bad or v < 0 or (positive and v == 0):
+                raise ValueError(f"RL setting `{name}` must be a number {'> 0' if positive else '>= 0'}, got {v!r}")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or isinstance(self.max_tokens, bool)
+                                            or self.max_tokens < 1):
+            raise ValueError(f"RL setting `max_tokens` must be an integer >= 1 (or unset), got {self.max_tokens!r}")
+        ce = self.checkpoint_every
+        if ce is not None and (not isinstance(ce, int) or isinstance(ce, bool) or ce < 0 or ce % self.sync_every):
+            raise ValueError(f"RL setting `checkpoint_every` must be 0 (none) or a multiple of sync_every="
+                             f"{self.sync_every} (a checkpoint is taken when the engine serves the trainer's "
+                             f"weights), got {ce!r}")
+        if not isinstance(self.per_module, bool):
+            raise ValueError(f"RL setting `per_module` must be true or false, got {self.per_module!r}")
+        if not isinstance(self.lora, LoRAConfig) or self.lora.method != "lora":
+            raise ValueError("RL setting `lora` must be a LoRAConfig with method 'lora': the RL step trains a LoRA")
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict, lora: LoRAConfig = LoRAConfig()) -> "GRPOSettings":
+        """Settings from a config table (unknown names are a one-line error), checked."""
+        known = [f.name for f in fields(cls) if f.name != "lora"]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"unknown RL setting(s) {unknown}; known: {known}")
+        return cls(**values, lora=lora).check()
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["lora"] = self.lora.to_dict()
+        return d
