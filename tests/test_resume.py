@@ -94,10 +94,15 @@ def test_a_fresh_start_in_a_run_directory_does_not_leave_steps_a_later_resume_wo
         def append(self, item):
             raise RuntimeError("killed in the weight step")
 
+    # A step's own checkpoint (as an RL step leaves one) is dropped too: a fresh run never continues it.
+    ckpt = run / "steps" / "02-w" / "out" / "checkpoint"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text("{}")
     # Started over with other settings (no resume) and killed in step 2: 02-w is the first run's.
     with pytest.raises(RuntimeError, match="killed"):
         run_cell(cfg("num_candidates=2"), make_lm(tmp_path), run_dir=run, trainer=fake_trainer(Killed()),
                  resume=False)
+    assert not ckpt.exists()
     trained: list = []
     res = run_cell(cfg("num_candidates=2"), make_lm(tmp_path), run_dir=run, trainer=fake_trainer(trained))
     assert res["reused_steps"] == [0, 1] and len(trained) == 1  # the first run's step 2 was not reused

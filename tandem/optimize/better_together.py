@@ -63,6 +63,7 @@ import json
 import logging
 import random
 import re
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -311,9 +312,15 @@ class BetterTogether:
 
     @staticmethod
     def _forget_finished(run_dir: Path) -> None:
-        """Mark the steps in ``run_dir`` unfinished (remove their record.json): a fresh run replaces them."""
+        """Mark the steps in ``run_dir`` unfinished (remove their record.json) and drop the steps'
+        own checkpoints (an RL step's ``out/checkpoint*``): a fresh run replaces them, never continues them."""
         for record in sorted((run_dir / "steps").glob("*/record.json")):
             record.unlink()
+        for ckpt in sorted((run_dir / "steps").glob("*/out/checkpoint*")):
+            if ckpt.is_dir():
+                shutil.rmtree(ckpt, ignore_errors=True)
+            else:
+                ckpt.unlink()
 
     def _reused_text(self, run_dir: Path, history: list[StepRecord]) -> str:
         done = ", ".join("the start" if r.index == 0 else f"step {r.index} ({r.kind})" for r in history)

@@ -44,7 +44,8 @@ from typing import Any, Iterable
 PLAN_VERSION = 2
 #: Attribute names that never change a step's result: left out of the settings.
 NOT_RESULTS = frozenset({"num_threads", "threads", "progress", "verbose", "verbosity", "out_dir", "run_dir",
-                         "log", "logger", "info", "on_step"})
+                         "log", "logger", "info", "on_step",
+                         "checkpoint_every"})  # how often an RL step saves its state, not what it learns
 MISSING = "unset"  # how a setting one side lacks is shown
 _DEPTH = 4  # objects nested deeper are described by their class name
 
