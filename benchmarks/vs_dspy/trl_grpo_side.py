@@ -7,9 +7,12 @@ steps drew them (``shuffle_dataset=False``), with the settings rl.py wrote
 (settings.json): one RL step = one generation batch of ``batch_size`` prompts
 x ``rollouts`` completions (``num_generations``) and one optimizer step over
 it, in micro-batches of ``micro_batch`` (``per_device_train_batch_size``,
-gradient accumulation over the rest of the batch). Generation is transformers'
-``generate`` on the model being trained (``use_vllm=False``: TRL's vLLM modes
-need a GPU, see docs/benchmarks.md).
+gradient accumulation over the rest of the batch). Generation is TRL's default,
+transformers' ``generate`` on the model being trained, or with
+``--vllm-colocate`` TRL's vLLM colocate mode (an ``LLM`` in this process, the
+merged weights pushed to it before each generation). This venv has no vLLM:
+rl.py runs that mode with tandem's venv python and this venv's TRL packages on
+PYTHONPATH.
 
 The reward is Iris's metric on the parsed species: tandem's own parser of the
 reply (prefix + completion) and ``iris_metric``, imported from the tandem
@@ -17,9 +20,9 @@ source tree (plain Python, no model code), so both sides score a completion
 identically; a reply that does not parse scores 0, as on tandem's side.
 
 Per-step times come from a TrainerCallback (``on_step_end`` to
-``on_step_end``) and from timing the trainer's own generate-and-score and
-generate calls (the same calls, wrapped; measurement only). Writes one JSON
-file (--out).
+``on_step_end``) and from timing the trainer's own generate-and-score,
+generate and (vLLM) weight-push calls (the same calls, wrapped; measurement
+only). Writes one JSON file (--out).
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def main() -> int:
     p.add_argument("--model-dir", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--gradient-checkpointing", action="store_true", help="TRL's GRPOConfig default (off here)")
+    p.add_argument("--vllm-colocate", action="store_true",
+                   help="generate with TRL's vLLM colocate mode (needs vllm importable: not in this venv)")
     args = p.parse_args()
     s = json.loads(Path(args.settings).read_text())
 
@@ -77,6 +82,7 @@ def main() -> int:
         torch.set_num_threads(s["threads"])
     import accelerate
     import peft
+    import pyarrow
     import transformers
     import trl
     from datasets import Dataset
@@ -88,8 +94,10 @@ def main() -> int:
     need = s["steps"] * s["batch_size"]
     if len(rows) < need:
         raise SystemExit(f"{args.prompts} has {len(rows)} prompts; {s['steps']} steps x {s['batch_size']} need {need}")
-    ds = Dataset.from_list([{"prompt": r["prompt"], "prefix": r["prefix"], "species": r["species"]}
-                            for r in rows[:need]])
+    # A fixed fingerprint instead of datasets hashing the table: in tandem's venv (--vllm-colocate, TRL on
+    # PYTHONPATH) that hashing fails on a pyarrow type; the rows are the same either way.
+    ds = Dataset(pyarrow.Table.from_pylist([{"prompt": r["prompt"], "prefix": r["prefix"], "species": r["species"]}
+                                            for r in rows[:need]]), fingerprint=f"rl-prompts-{len(rows)}")
     per_step = s["batch_size"] * s["rollouts"]  # completions per RL step
     micro = min(s["micro_batch"], per_step)
     if per_step % micro:
@@ -117,7 +125,8 @@ def main() -> int:
             weight_decay=s["weight_decay"], max_grad_norm=s["max_grad_norm"], beta=s["beta"],
             epsilon=s["clip_epsilon"], num_iterations=s["updates_per_step"], loss_type="grpo",
             scale_rewards="group", mask_truncated_completions=False, bf16=s["bf16"],
-            gradient_checkpointing=args.gradient_checkpointing, shuffle_dataset=False, use_vllm=False,
+            gradient_checkpointing=args.gradient_checkpointing, shuffle_dataset=False,
+            use_vllm=args.vllm_colocate, vllm_mode="colocate",
             logging_steps=1, save_strategy="no", report_to="none", seed=s["seed"], use_cpu=True,
             dataloader_num_workers=0,
         )
@@ -152,7 +161,20 @@ def main() -> int:
             setattr(trainer, name, wrapper)
 
         timed("_generate_and_score_completions", gen_score)
-        timed("_generate_single_turn", gen)
+        timed("_generate_single_turn", gen)  # includes pushing the weights to vLLM (colocate mode)
+        sync: dict[int, float] = {}
+        if args.vllm_colocate:
+            push = trainer.vllm_generation.sync_weights
+
+            def timed_push(*a, **kw):
+                t = time.perf_counter()
+                try:
+                    return push(*a, **kw)
+                finally:
+                    step = trainer.state.global_step
+                    sync[step] = sync.get(step, 0.0) + time.perf_counter() - t
+
+            trainer.vllm_generation.sync_weights = timed_push
         out = trainer.train()
         logs = [h for h in trainer.state.log_history if "reward" in h]
         base = trainer.model.get_base_model()
@@ -165,11 +187,12 @@ def main() -> int:
     steps = []
     for i, (a, b) in enumerate(zip(starts, timer.ends)):
         wall = b - a
-        g, gs = gen.get(i, 0.0), gen_score.get(i, 0.0)
+        g, gs, w = gen.get(i, 0.0), gen_score.get(i, 0.0), sync.get(i, 0.0)
         h = logs[i] if i < len(logs) else {}
         length = h.get("completions/mean_length")
         steps.append({
-            "step": i + 1, "wall_s": round(wall, 2), "generate_s": round(g, 2), "score_other_s": round(gs - g, 2),
+            "step": i + 1, "wall_s": round(wall, 2), "generate_s": round(g - w, 2), "sync_s": round(w, 2),
+            "score_other_s": round(gs - g, 2),
             "train_s": round(wall - gs, 2), "mean_reward": round(h.get("reward", float("nan")), 4),
             "reward_std": h.get("reward_std"), "frac_reward_zero_std": h.get("frac_reward_zero_std"),
             "completions_trained": per_step, "mean_completion_tokens": length,
@@ -178,7 +201,9 @@ def main() -> int:
         })
     res = {
         "side": "trl", "reward": s["reward"], "trainer": f"trl.GRPOTrainer {trl.__version__} + peft LoRA",
-        "generation_engine": "transformers generate on the training model (use_vllm=False)",
+        "generation_engine": ("vLLM in the trainer's process (use_vllm=True, vllm_mode='colocate')"
+                              if args.vllm_colocate
+                              else "transformers generate on the training model (TRL's default, use_vllm=False)"),
         "setup_s": round(setup_s, 2), "train_runtime_reported_by_trl": round(out.metrics.get("train_runtime", 0.0), 2),
         "steps": steps, "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
         "per_device_train_batch_size": micro, "steps_per_generation": cfg.steps_per_generation,
