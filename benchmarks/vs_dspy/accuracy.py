@@ -137,6 +137,9 @@ def main() -> int:
     p.add_argument("--skip-dspy", action="store_true",
                    help="tandem's side only; DSPy's runs are read from --dspy-from (an earlier result JSON)")
     p.add_argument("--dspy-from", type=Path, default=None)
+    p.add_argument("--from-results", type=Path, default=None,
+                   help="add the runs of an earlier result JSON (benchmarks/results/vs_dspy_accuracy.json) to the "
+                        "work dir first, so only the missing pairs run")
     p.add_argument("--no-run", action="store_true",
                    help="run nothing: summarize the runs already in --work-dir (pairs present on both sides)")
     p.add_argument("--mem-gib", type=float, default=5.0, help="GiB available before a model process starts")
@@ -167,6 +170,12 @@ def main() -> int:
     tandem, dspy, done = {}, {}, {}
     for d in data_seeds:
         write_data(work / f"data_{d}.json", d)
+    if args.from_results:  # an earlier result (e.g. the committed one) fills an empty work dir
+        for r in json.loads(args.from_results.read_text())["runs"]:
+            partial = work / f"{r['side']}_{r['data_seed']}.rounds.jsonl"
+            if r["search_seed"] not in rounds_done(partial):
+                with open(partial, "a") as fh:
+                    fh.write(json.dumps(r) + "\n")
     server = None
     try:
         for d in data_seeds:
