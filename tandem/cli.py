@@ -26,7 +26,8 @@ from contextlib import contextmanager
 from rich.markup import escape
 
 from tandem import __version__
-from tandem.cli_output import chosen_text, console, error, note, progress, result_table, steps_table, stdout
+from tandem.cli_output import (chosen_text, console, error, note, paired_text, progress, result_table, steps_table,
+                               stdout)
 
 __all__ = ["build_parser", "error", "main", "note", "positive_int"]
 
@@ -146,7 +147,7 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     out.print(
         f"returned program: {chosen}; [bold]test {summary['test_score']:.1f}%[/] on {summary['test_n']} examples "
         f"({'start program' if cfg.program_from else 'zero-shot'} {summary['zero_shot_test_score']:.1f}%: "
-        f"{summary['fixed']} fixed, {summary['broken']} broken); "
+        f"{summary['fixed']} fixed, {summary['broken']} broken{paired_text(summary.get('test_vs_baseline'))}); "
         f"total {total_s:.0f} s; saved to {escape(str(run_dir / 'final'))}"
     )
     return 0

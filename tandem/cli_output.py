@@ -178,3 +178,14 @@ def chosen_text(summary: dict, history) -> str:
         return f"the start, the given program (dev {dev:.1f}; every step scored lower)"
     kind = history[best].kind if best < len(history) else "?"
     return f"step {best} ({kind}, dev {dev:.1f})"
+
+
+def paired_text(test: dict | None) -> str:
+    """``; +40.0 points [+26.0, +54.0], McNemar p < 0.001`` for a run's test against its baseline, or ``""``."""
+    if not test:
+        return ""
+    p = test["p_value"]
+    p_text = "p < 0.001" if p < 0.001 else f"p = {p:.3f}"
+    method = "McNemar" if test["method"].startswith("mcnemar") else "paired bootstrap"
+    lo, hi = test["ci95"]
+    return f"; {test['diff']:+.1f} points [{lo:+.1f}, {hi:+.1f}], {method} {p_text}"

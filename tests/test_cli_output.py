@@ -170,3 +170,4 @@ def test_optimize_in_a_log_prints_progress_lines_and_a_steps_table_that_fits(fak
     lines = captured.out.splitlines()
     assert max(len(line) for line in lines) <= 80, captured.out
     assert "SFT ex" in captured.out and "returned program" in captured.out
+    assert " points [" in captured.out and "McNemar p" in captured.out  # the test vs zero-shot, with its interval

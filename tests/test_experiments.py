@@ -95,6 +95,10 @@ def test_run_cell_writes_results_and_per_example_records(tmp_path):
     fixed = sum(f["score"] > b["score"] for f, b in zip(final, base["records"]))
     broken = sum(f["score"] < b["score"] for f, b in zip(final, base["records"]))
     assert (res["fixed"], res["broken"]) == (fixed, broken) and fixed > 0
+    # the paired test against the zero-shot program on the same 15 test examples (exact McNemar)
+    t = res["test_vs_baseline"]
+    assert t["method"] == "mcnemar-exact" and t["n"] == 15
+    assert t["diff"] == round(100 * (fixed - broken) / 15, 2) and 0 < t["p_value"] <= 1
     assert res["zero_shot_test_score"] == base["score"]
     assert calls, "the weight step trained"
     assert (run / "final" / "program.json").exists()

@@ -191,6 +191,21 @@ def compare_records(baseline: list[dict], final: list[dict]) -> dict[str, list[i
     return {"fixed": fixed, "broken": broken}
 
 
+def paired_against_baseline(baseline: list[dict], final: list[dict]) -> dict | None:
+    """The returned program against the baseline on the same test examples: the paired test
+    (exact McNemar for 0/1 scores, paired bootstrap otherwise), in points; None without pairs."""
+    from tandem.experiments.stats import paired_test
+
+    base = {r["index"]: r for r in baseline}
+    pairs = [(r["score"], base[r["index"]]["score"]) for r in final
+             if r["index"] in base and _inputs(base[r["index"]]["example"]) == _inputs(r["example"])]
+    if not pairs:
+        return None
+    t = paired_test([a for a, _ in pairs], [b for _, b in pairs])
+    return {"method": t.method, "p_value": t.p_value, "n": t.n, "diff": round(100 * t.diff, 2),
+            "ci95": [round(100 * t.ci95[0], 2), round(100 * t.ci95[1], 2)]}
+
+
 def _inputs(example: dict) -> Any:
     return json.dumps(example, sort_keys=True, default=str)
 
@@ -314,6 +329,7 @@ def run_cell(
         "test_score": test_score, "test_n": sizes["test"],
         "test_failures": test_failures, "zero_shot_test_score": base_score,
         "fixed": len(changed["fixed"]), "broken": len(changed["broken"]),
+        "test_vs_baseline": None if zero_shot else paired_against_baseline(base_records, final_records),
         # wall_s: this process (a resumed run counts only what it redid); optimize_s: the
         # steps' own wall times (validation, and the start's, included), the same however
         # often the run resumed.
