@@ -100,6 +100,7 @@ TRL_PY = HERE / "vs_dspy" / ".venv" / "bin" / "python"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 from machine import write_result  # noqa: E402
+from vs_dspy.run import run_side  # noqa: E402  (a side in its own process group, logged, with a timeout)
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -228,24 +229,6 @@ def tandem_side(args) -> dict:
 
 
 # -- the comparison -----------------------------------------------------------------------
-def run_side(cmd: list, log: Path, env: dict | None = None, timeout: float = 7200) -> float:
-    t0 = time.perf_counter()
-    with open(log, "w") as fh:
-        # Its own process group, so that a timeout ends exactly what this run started.
-        p = subprocess.Popen([str(c) for c in cmd], stdout=fh, stderr=subprocess.STDOUT,
-                             env={**os.environ, **(env or {})}, cwd=ROOT, start_new_session=True)
-        try:
-            rc = p.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-            raise RuntimeError(f"{cmd[1]} timed out after {timeout} s; see {log}") from None
-    if rc != 0:
-        tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
-        raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} exited with {rc}; see {log}:\n{tail}")
-    return time.perf_counter() - t0
-
-
 def versions(python: Path, mods: list[str], env: dict | None = None) -> dict:
     code = ("import importlib.metadata as m, json\nout = {}\nfor k in %r:\n    try: out[k] = m.version(k)\n"
             "    except m.PackageNotFoundError: out[k] = None\nprint(json.dumps(out))" % mods)
@@ -428,7 +411,7 @@ def main() -> int:
     process_s = run_side([TANDEM_PY, Path(__file__), "--side", "tandem", "--settings", work / "settings.json",
                           "--model-dir", model_dir, "--tandem-lm", args.tandem_lm, "--work-dir", work,
                           "--threads", args.threads, "--prompts-out", prompts, "--side-out", side_out],
-                         work / "tandem_side.log", env=env)
+                         work / "tandem_side.log", env=env, timeout=7200)
     res["tandem"] = {**json.loads(side_out.read_text()), "process_s": round(process_s, 1)}
     res["load_1min"]["tandem_after"] = round(os.getloadavg()[0], 2)
     res["tandem"]["summary"] = summarize(res["tandem"]["steps"],
@@ -447,7 +430,7 @@ def main() -> int:
             side_env = {**env, **vllm_env, "PYTHONPATH": str(overlay)}
         else:
             cmd, side_env = [TRL_PY, *cmd], env
-        process_s = run_side(cmd, work / f"trl_{mode}.log", env=side_env)
+        process_s = run_side(cmd, work / f"trl_{mode}.log", env=side_env, timeout=7200)
         x = {**json.loads(side_out.read_text()), "process_s": round(process_s, 1)}
         x["summary"] = summarize(x["steps"], {"generate": "generate_s", "train": "train_s", "sync": "sync_s",
                                               "other": "score_other_s"})
