@@ -147,8 +147,9 @@ def main() -> int:
         gen_score: dict[int, float] = {}
         gen: dict[int, float] = {}
 
-        def timed(name: str, into: dict):
-            fn = getattr(trainer, name)
+        def timed(name: str, into: dict, owner=trainer):
+            """``owner.name``, the same call, with its seconds added to ``into`` under the current step."""
+            fn = getattr(owner, name)
 
             def wrapper(*a, **kw):
                 t = time.perf_counter()
@@ -158,23 +159,13 @@ def main() -> int:
                     step = trainer.state.global_step
                     into[step] = into.get(step, 0.0) + time.perf_counter() - t
 
-            setattr(trainer, name, wrapper)
+            setattr(owner, name, wrapper)
 
         timed("_generate_and_score_completions", gen_score)
         timed("_generate_single_turn", gen)  # includes pushing the weights to vLLM (colocate mode)
         sync: dict[int, float] = {}
         if args.vllm_colocate:
-            push = trainer.vllm_generation.sync_weights
-
-            def timed_push(*a, **kw):
-                t = time.perf_counter()
-                try:
-                    return push(*a, **kw)
-                finally:
-                    step = trainer.state.global_step
-                    sync[step] = sync.get(step, 0.0) + time.perf_counter() - t
-
-            trainer.vllm_generation.sync_weights = timed_push
+            timed("sync_weights", sync, owner=trainer.vllm_generation)
         out = trainer.train()
         logs = [h for h in trainer.state.log_history if "reward" in h]
         base = trainer.model.get_base_model()
