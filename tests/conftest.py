@@ -74,3 +74,9 @@ def no_lm(monkeypatch):
         raise AssertionError(f"an LM was built ({spec}) before the input was checked")
 
     monkeypatch.setattr(registry, "get_lm", refuse)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Test modules that set ``RUN_LAST = True`` (they stop the shared engine, which
+    costs the tests after them a ~60 s restart on this CPU) run after all others."""
+    items.sort(key=lambda item: bool(getattr(item.module, "RUN_LAST", False)))

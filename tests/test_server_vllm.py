@@ -27,6 +27,7 @@ from tandem.lm.vllm_server import VLLMServer
 from tandem.tasks.iris import IrisClassifier, iris_metric, load_iris, split_iris
 
 pytestmark = pytest.mark.slow
+RUN_LAST = True  # stops the shared in-process engine for the server (tests/conftest.py)
 
 MODEL = "smollm2-135m"
 N_REF = 4
@@ -203,8 +204,8 @@ def test_weight_step_adapter_served_by_the_server_matches_the_in_process_engine(
 
     lm = _lm(server)
     program = IrisClassifier().set_lm(lm)
-    train = split_iris(load_iris(), seed=0)["train"][:12]
-    step = BootstrapFinetune(iris_metric, config=LoRAConfig(epochs=2), num_threads=8)
+    train = split_iris(load_iris(), seed=0)["train"][:8]
+    step = BootstrapFinetune(iris_metric, config=LoRAConfig(epochs=1), num_threads=8)
     out = step.compile(program, trainset=train, valset=iris_dev[:4], seed=0, out_dir=tmp_path / "w")
     rec = out.history[0]
     assert rec.kind == "w" and rec.train_examples > 0, rec.detail
