@@ -67,12 +67,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """A task's program, or a saved one (``--program``), on a split or data file (``tandem.compare``)."""
     from tandem.compare import eval_config, eval_examples, model_label, program_to_eval
     from tandem.evaluate import evaluate
-    from tandem.program.persist import resolve_program_dir
+    from tandem.deploy import program_source
 
     if args.program and args.model:
         raise ValueError("--model with --program: a saved program runs on the model(s) its program.json names; "
                          "leave out --model")
-    dirs = [resolve_program_dir(args.program)] if args.program else []
+    dirs = [program_source(args.program)] if args.program else []
     cfg = eval_config(dirs, config=args.config, overrides=args.set, task=args.task, data=args.data,
                       seed=args.seed, model=args.model)
     task, data, loaded = eval_examples(cfg, args.split, args.limit)

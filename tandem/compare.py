@@ -34,12 +34,14 @@ from typing import Any, Callable, Sequence
 
 from scipy import stats as _sps
 
+from tandem.deploy import program_source
 from tandem.evaluate import EvalResult, evaluate
 from tandem.experiments.config import RunConfig, load_config, resolve_path, resolve_task
 from tandem.experiments.run import load_data, records_of
 from tandem.experiments.stats import PairedTest, bootstrap_diff, is_binary, paired_test
+from tandem.log_examples import check_examples, is_examples_file, read_examples
 from tandem.program import Example, Module
-from tandem.program.persist import load_program, resolve_program_dir
+from tandem.program.persist import load_program
 from tandem.tasks.registry import Task
 
 SPLITS = ("train", "dev", "test", "all")
@@ -97,11 +99,15 @@ def eval_config(program_dirs: Sequence[str | os.PathLike] = (), *, config: str |
 
 def eval_examples(cfg: RunConfig, split: str, limit: int | None = None) -> tuple[Task, list[Example], Any]:
     """``(task, examples, loaded)``: ``split``'s examples (the first ``limit``) and what the task's load
-    returned (None when ``split == "all"`` was read with the task's ``read``)."""
+    returned (None when ``split == "all"`` was read with the task's ``read`` or from every line of an examples
+    file of ``tandem data from-log``)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     task = resolve_task(cfg)
-    if split == "all" and task.read is not None and not task.program_takes_data:
+    if split == "all" and is_examples_file(cfg.data) and not task.program_takes_data:
+        examples, loaded = [ex for ex, _ in read_examples(cfg.data)], None  # every line, whatever its split
+        check_examples(examples, task.make_program(), str(cfg.data))
+    elif split == "all" and task.read is not None and not task.program_takes_data:
         examples, loaded = list(task.read(cfg.data)), None
     else:
         task, loaded = load_data(cfg, task=task)
@@ -113,7 +119,7 @@ def load_saved(path: str | os.PathLike, task: Task, loaded: Any = None, *, lm_op
                lms: dict | None = None) -> tuple[Module, Path]:
     """``(program, its folder)`` from a saved program or run directory, with its saved models; a task that
     builds its program from the data (a retriever) gets ``task.make_program(loaded)`` as the base."""
-    program_dir = resolve_program_dir(path)
+    program_dir = program_source(path)
     base = task.make_program(loaded) if task.program_takes_data else None
     return load_program(program_dir, program=base, lm_options=lm_options, lms=lms), program_dir
 
@@ -228,7 +234,7 @@ def compare_saved(path_a: str | os.PathLike, path_b: str | os.PathLike, *, task:
                   progress: Callable[[str, int, int], None] | None = None) -> Comparison:
     """Two saved programs (or run directories) on the same data (module docstring); builds, starts and
     closes their LMs (one engine per model for both)."""
-    dirs = [resolve_program_dir(p) for p in (path_a, path_b)]
+    dirs = [program_source(p) for p in (path_a, path_b)]
     notes: list[str] = []
     cfg = eval_config(dirs, config=config, overrides=overrides, task=task, data=data, seed=seed, notes=notes)
     task_, examples, loaded = eval_examples(cfg, split, limit)

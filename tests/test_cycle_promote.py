@@ -297,3 +297,21 @@ def test_optimize_from_starts_with_the_saved_prompts_demos_and_adapter(tmp_path)
     assert start.classify.demos == saved.classify.demos
     plain = start_program(load_config(task="iris", strategy="p", model="fake:m"), get_task("iris"), None, lm)
     assert plain.classify.lm is lm and MARKER not in plain.classify.signature.instructions
+
+
+def test_eval_reads_a_deployment_folder_and_every_example_of_a_log_file(cycle, tmp_path, capsys):
+    """``tandem eval --program DEPLOY`` evaluates the champion; ``--split all`` on an examples file
+    of ``tandem data from-log`` takes every line whatever its split (the champion: setosas right,
+    versicolors wrong)."""
+    rows = SETOSAS[:6] + VERSICOLORS[:4]
+    data = write_examples(tmp_path / "mixed.jsonl", rows[:5], split="train")
+    with open(data, "a") as fh:
+        for ex in rows[5:]:
+            fh.write(json.dumps({"data": dict(ex), "inputs": list(ex.input_keys), "split": None}) + "\n")
+    out = tmp_path / "records.json"
+    assert main(["eval", "--program", str(cycle["deploy"]), "--data", str(data), "--split", "all",
+                 "--json", str(out)]) == 0
+    assert "60.0" in capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    scores = [r["score"] for r in doc["records"]]
+    assert scores == [1.0] * 6 + [0.0] * 4
