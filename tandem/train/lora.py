@@ -20,12 +20,12 @@ import logging
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from tandem.fileio import atomic_dir
 from tandem.lm.hardware import cpu_has_native_bf16
 from tandem.train.adapter import write_meta
 from tandem.train.sft import SFTExample, TokenizedExample, tokenize_examples
@@ -331,17 +331,13 @@ def save_trained(model, model_dir: str | os.PathLike, out_dir: str | os.PathLike
     """PEFT files + tandem_adapter.json (``training``: the run's summary), written under a temporary
     name then renamed, so a killed run leaves no half adapter."""
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    if config.method == "full":  # a whole checkpoint: the engine also needs the tokenizer and tandem.json
-        from transformers import AutoTokenizer
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if config.method == "full":  # a whole checkpoint: the engine also needs the tokenizer and tandem.json
+            from transformers import AutoTokenizer
 
-        AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
-        info = json.loads((model_dir / "tandem.json").read_text()) if (model_dir / "tandem.json").exists() else {}
-        info.update(name=f"{info.get('name', model_dir.name)}+full-{out_dir.name}", finetuned_from=str(model_dir))
-        (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
-    write_meta(tmp, model_dir, config.to_dict(), training)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+            AutoTokenizer.from_pretrained(model_dir).save_pretrained(tmp)
+            info = json.loads((model_dir / "tandem.json").read_text()) if (model_dir / "tandem.json").exists() else {}
+            info.update(name=f"{info.get('name', model_dir.name)}+full-{out_dir.name}", finetuned_from=str(model_dir))
+            (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
+        write_meta(tmp, model_dir, config.to_dict(), training)
