@@ -175,13 +175,13 @@ def _times(doc: dict, cells: list[dict]) -> list[list[str]]:
     loads = doc.get("model_load_s") or {}
     run_s = sum(c.get("wall_s") or 0.0 for c in cells)
     rows = [[f"model load, {m}", fmt(v), "loading the model and starting its engine, once for all its runs "
-                                         "(this session's; an earlier session's runs were skipped)"]
+                                         "(this invocation's; runs finished by an earlier one were not run again)"]
             for m, v in loads.items()]
     rows += [["steps, all runs", fmt(round(sum(run_seconds(c) for c in cells), 1)),
               "the finished runs' steps (validation included; zero-shot: its evaluation)"],
              ["runs, all", fmt(round(run_s, 1)), "each finished run's own time (steps, test evaluations, saving)"],
              ["total", fmt(round(run_s + sum(loads.values()), 1)), "model loads + the runs: about the grid's wall "
-                                                                   "time when one session ran every run"]]
+                                                                   "time when one invocation ran every run"]]
     return rows
 
 

@@ -49,8 +49,8 @@ over finished steps made with other settings raises ``ResumeMismatch``, one
 line naming each ``setting: was X, now Y``, before anything runs or is
 written. A plan.json of an older tandem, which recorded only the strategy
 and the seed, is refused too (over finished steps): it cannot show that
-nothing else differed, and that is what went wrong before (a run resumed
-with other sizes and candidates reused the old steps). ``num_threads`` and
+nothing else differed (other sizes or candidate counts would reuse steps
+made with the old ones). ``num_threads`` and
 progress callbacks do not count. A resumed run says which steps it reused
 (``info``, and ``result.extra["reused_steps"]``). A run that does not resume
 starts over: it marks the steps already in the directory unfinished (their

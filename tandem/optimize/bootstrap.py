@@ -283,9 +283,8 @@ class BootstrapFewShot:
         ``"shared"``: every teacher shows the same k examples (the first k of
         one seeded order), an example never its own label (it gets the next
         one instead), as DSPy's teacher does; the engine then caches one demo
-        prefix. With 9 candidates that saved no time on Iris and chose
-        worse programs (val 38.6% against 47.1%, median of 4 rounds each;
-        benchmarks/prompt_step.py), so it is not the default.
+        prefix. It is not the default: on Iris it saved no time and its
+        programs scored lower (docs/benchmarks.md, "Results: prompt step").
         """
         order = list(range(len(trainset)))
         random.Random(0).shuffle(order)

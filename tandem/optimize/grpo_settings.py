@@ -16,7 +16,7 @@ class GRPOSettings:
     batch_size: int = 4  # training examples per step
     rollouts: int = 4  # n: program runs per example; advantages compare them
     temperature: float = 0.7  # rollouts' sampling; at 1.0 SmolLM2-135M rambles (docs/training.md)
-    learning_rate: float = 1e-4  # AdamW on the LoRA; not measured yet
+    learning_rate: float = 1e-4  # AdamW on the LoRA
     clip_epsilon: float = 0.2  # PPO/GRPO clip range of the ratio
     beta: float = 0.0  # KL to the base model (k3); 0 as TRL's default: no reference forward
     format_penalty: float = 0.0  # subtracted from the reward of a run whose reply did not parse

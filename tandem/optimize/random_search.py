@@ -10,16 +10,14 @@ which is what DSPy's ``num_candidate_programs=6`` scores):
 3+. seeded random subsets and orders of the bootstrapped demos, each with a
     random number of demos between 1 and the maximum.
 
-``num_candidates`` counts all of them; sessions 1-3 used 6 (3 random), a
-smaller search than the paper's.
+``num_candidates`` counts all of them.
 
 The teacher runs once over the training set; every candidate is assembled
 from that one bootstrap. All candidates are then evaluated on the validation
-set at the same time, so the engine sees one large batch whose demo prefixes
-it caches. (Scoring zero-shot and labelled candidates while the bootstrap
-runs gained nothing: benchmarks/results/prompt_step_scheduling.json.) The
-best score wins; ties go to the earlier candidate, so the choice is
-deterministic.
+set at the same time, once the bootstrap has finished, so the engine sees
+one large batch whose demo prefixes it caches (docs/benchmarks.md, "Results:
+prompt step", has the timings behind this order). The best score wins; ties
+go to the earlier candidate, so the choice is deterministic.
 """
 
 from __future__ import annotations

@@ -75,13 +75,11 @@ def match_choice(f: Field, value: str) -> str | None:
 
 
 #: What a demo shows for an output field it lacks (a labelled example has the
-#: answer, not the reasoning). Leaving the field out made the demo's reply a
-#: different format from the one the model is asked to write (``Reasoning:``
-#: first); with every field shown, small models keep to the format, answer in
-#: one reply, and copy this short line instead of rambling. DSPy's chat
-#: adapter fills such fields in the same spirit. On Iris with SmolLM2-135M,
-#: labelled demos scored 41% on 85 held-out examples with it, 27% without,
-#: averaged over six demo sets (docs/benchmarks.md).
+#: answer, not the reasoning). With every field shown, each demo's reply has the
+#: format the model is asked to write (``Reasoning:`` first), so small models
+#: keep to it, answer in one reply, and copy this short line instead of
+#: rambling. DSPy's chat adapter fills such fields in the same spirit. The
+#: measurements are in docs/benchmarks.md and docs/design.md.
 NOT_GIVEN = "Not given for this example."
 
 

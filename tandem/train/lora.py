@@ -57,10 +57,8 @@ class LoRAConfig:
     alpha: int = 64  # the paper's; alpha/rank = 2 scales the adapter's update
     dropout: float = 0.0  # the paper's; 5 short epochs over ~100s of examples barely overfit
     target_modules: tuple[str, ...] = ALL_LINEAR  # attention + MLP: see ALL_LINEAR
-    # Small batches, more steps: on Iris (50 examples, one trace each) LoRA with the
-    # paper's batch 8 learned one species at 3e-4 and 1e-3 (34% test after 35-42
-    # steps); batch 2 at 1e-3 for 4 epochs (100 steps, less time) reached 66%
-    # (benchmarks/weight_recipe.py; docs/training.md, "Recipe").
+    # Small batches, more steps: with a few dozen examples, batch 2 at 1e-3 learns
+    # where the paper's batch 8 does not (docs/training.md, "Recipe").
     epochs: int = 4
     batch_size: int = 2  # examples per optimizer step
     learning_rate: float = 1e-3
@@ -77,8 +75,7 @@ class LoRAConfig:
     # trained and the result is a full checkpoint (docs/training.md compares them).
     method: str = "lora"
     # None: "eager" on CPU while its attention matrices fit in EAGER_ATTENTION_BYTES
-    # (torch's fused CPU attention has a slow backward: measured 1.3-1.7x slower
-    # per step at 150-560 tokens), otherwise "sdpa".
+    # (torch's fused CPU attention has a slow backward; docs/training.md), otherwise "sdpa".
     attention: str | None = None
 
     def to_dict(self) -> dict:
@@ -301,8 +298,8 @@ def load_trainable(model_dir: str | os.PathLike, config: LoRAConfig, *, device: 
     model with a fresh LoRA from ``config`` (initialised from ``config.seed``),
     or with ``adapter``'s LoRA loaded trainable when one is given, or the base
     itself for ``method="full"``. With bf16 the frozen base is stored in bf16
-    (autocast would otherwise re-cast every fp32 weight on each forward, 10%
-    of a step on CPU here); peft keeps the LoRA weights in fp32.
+    (autocast would otherwise re-cast every fp32 weight on each forward);
+    peft keeps the LoRA weights in fp32.
     """
     import torch
     from peft import LoraConfig as PeftLoraConfig
