@@ -94,18 +94,11 @@ def program_version(path: str | os.PathLike, program_dir: Path) -> str:
 
 
 def parse_model_options(items: list[str] | None) -> dict:
-    """``["base_url=http://h:8000/v1", "tensor_parallel_size=2"]`` -> a dict; values are
-    JSON when they parse as JSON (numbers, true/false, objects), else strings."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"model option {item!r} is not KEY=VALUE")
-        try:
-            out[key.strip()] = json.loads(raw)
-        except ValueError:
-            out[key.strip()] = raw
-    return out
+    """``["base_url=http://h:8000/v1", "tensor_parallel_size=2"]`` -> a dict, read as ``--set`` is
+    (``tandem.experiments.overrides``): TOML or JSON values (numbers, true/false, objects), else text."""
+    from tandem.experiments.overrides import parse_options
+
+    return parse_options(items, "--model-options")
 
 
 # -- running ----------------------------------------------------------------------------------

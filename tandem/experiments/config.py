@@ -55,12 +55,15 @@ from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Optional
 
-from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS, check_teacher_demos
-from tandem.experiments.typed import check_fields
+from annotated_types import Ge, Gt, MinLen
+
+from tandem.optimize.finetune import BOOTSTRAP_DEFAULTS, TEACHER_DEMOS, check_teacher_demos
+from tandem.experiments.overrides import parse_overrides, put
+from tandem.experiments.typed import Expected, table, table_of, validate
 from tandem.optimize.grpo import GRPOSettings
 from tandem.tasks.registry import Task, get_task, task_from_file
 from tandem.train import LoRAConfig
@@ -78,48 +81,62 @@ WEIGHT_STEP_KEYS = BOOTSTRAP_DEFAULTS
 #: The steps a run's strategy may name: prompt (p), weight (w) and RL (r) steps.
 STEP_LETTERS = frozenset({"p", "w", "r"})
 
+# The configuration's types (tandem.experiments.typed): every key of a run config, a `tandem optimize
+# --config` file and `--set`, and (less the run's own name, seed and folder) of an experiment file.
+PositiveInt = Annotated[int, Gt(0)]
+Count = Annotated[int, Ge(1)]
+#: ``[lora]``: LoRAConfig's fields (its seed is the run's).
+LoraTable = table_of(LoRAConfig, "LoraTable")
+#: ``[weight_step]``: BootstrapFinetune's bootstrap settings.
+WeightStepTable = table("WeightStepTable", {
+    "attempts": int, "temperature": float, "traces_per_example": int, "hint_attempts": int,
+    "balance": Literal["auto"] | bool, "teacher_demos": Literal[TEACHER_DEMOS],
+})
+assert set(WeightStepTable.__annotations__) == set(WEIGHT_STEP_KEYS), "[weight_step] keys drifted"
+#: ``[rl]``: GRPOSettings' fields (its LoRA shape is ``[lora]``'s).
+RLTable = table_of(GRPOSettings, "RLTable", exclude=("lora",))
+
 
 @dataclass
 class RunConfig:
-    task: str = "iris"  # a built-in task name, or a path to a task .py file
+    """A run's settings, typed: ``check()`` (and ``load_config``) validate every key against these
+    annotations, so a wrong type or an unknown key is one line naming it."""
+
+    __pydantic_config__ = {"extra": "forbid", "strict": True}
+
+    task: Optional[str] = "iris"  # a built-in task name, or a path to a task .py file (None: not given)
     model: str = "smollm2-135m"  # [backend:]model
-    strategy: str = "p -> w -> p"  # the paper's headline strategy
+    strategy: Annotated[str, Expected("a strategy like \"p -> w -> p\"")] = "p -> w -> p"  # the paper's
     seed: int = 0
-    data_seed: int | None = None  # seed of the train/dev/test split; None: the same as seed
-    data: str | None = None  # data file or folder; None: the task's default source
-    sizes: tuple[int, int, int] | None = None  # train/dev/test; None: the task's (paper's) sizes
-    prompt_train: int | None = None  # prompt step: bootstrap examples; None: the task's (paper's)
-    prompt_val: int | None = None  # prompt step: candidate-selection examples
-    num_candidates: int = 9  # the paper's: 3 fixed + 6 random candidate programs
-    max_demos: int = 3  # the paper's
-    format: str | None = None  # prompt format of every predictor (tandem.program.formats); None: the program's own
-    threads: int = 64  # concurrent program runs: enough to keep the engine's batch full
-    run_dir: str | None = None  # default: runs/<task>-<strategy>-s<seed>
-    lora: dict = field(default_factory=dict)  # LoRAConfig overrides
-    weight_step: dict = field(default_factory=dict)  # BootstrapFinetune's bootstrap settings (WEIGHT_STEP_KEYS)
-    rl: dict = field(default_factory=dict)  # the RL step's settings (GRPOSettings; its LoRA shape is [lora]'s)
-    backend_options: dict = field(default_factory=dict)  # passed to the LM backend
-    program_from: str | None = None  # start from this saved program (run, program or deployment folder)
+    data_seed: Optional[int] = None  # seed of the train/dev/test split; None: the same as seed
+    data: Optional[str] = None  # data file or folder; None: the task's default source
+    sizes: Optional[tuple[PositiveInt, PositiveInt, PositiveInt]] = None  # train/dev/test; None: the task's
+    prompt_train: Optional[Count] = None  # prompt step: bootstrap examples; None: the task's (paper's)
+    prompt_val: Optional[Count] = None  # prompt step: candidate-selection examples
+    num_candidates: Count = 9  # the paper's: 3 fixed + 6 random candidate programs
+    max_demos: Annotated[int, Ge(0)] = 3  # the paper's
+    format: Optional[str] = None  # prompt format of every predictor (tandem.program.formats); None: the program's own
+    threads: Count = 64  # concurrent program runs: enough to keep the engine's batch full
+    run_dir: Optional[str] = None  # default: runs/<task>-<strategy>-s<seed>
+    lora: LoraTable = field(default_factory=dict)  # LoRAConfig overrides
+    weight_step: WeightStepTable = field(default_factory=dict)  # BootstrapFinetune's bootstrap settings
+    rl: RLTable = field(default_factory=dict)  # the RL step's settings (GRPOSettings; its LoRA shape is [lora]'s)
+    backend_options: dict[str, Any] = field(default_factory=dict)  # passed to the LM backend
+    program_from: Optional[Annotated[str, MinLen(1)]] = None  # start from this saved program (run, program
+    #   or deployment folder)
 
     def lora_config(self) -> LoRAConfig:
-        known = {f.name for f in fields(LoRAConfig)}
-        unknown = set(self.lora) - known
-        if unknown:
-            raise ValueError(f"unknown [lora] setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        values = {k: (tuple(v) if isinstance(v, list) else v) for k, v in self.lora.items()}
-        check_fields(LoRAConfig, values, "lora")
-        cfg = LoRAConfig(**values)
-        return replace(cfg, seed=self.seed)
+        """The ``[lora]`` settings as a LoRAConfig with the run's seed; unknown names and wrong types
+        are one-line errors."""
+        values = validate(LoraTable, self.lora, ("lora",))
+        return replace(LoRAConfig(**values), seed=self.seed)
 
     def weight_step_options(self) -> dict:
         """The ``[weight_step]`` settings, checked: unknown names and bad values are one-line errors."""
         from tandem.optimize.balance import check_balance
         from tandem.optimize.bootstrap import check_bootstrap_settings
 
-        unknown = set(self.weight_step) - set(WEIGHT_STEP_KEYS)
-        if unknown:
-            raise ValueError(f"unknown [weight_step] setting(s) {sorted(unknown)}; known: {list(WEIGHT_STEP_KEYS)}")
-        opts = {**WEIGHT_STEP_KEYS, **self.weight_step}
+        opts = {**WEIGHT_STEP_KEYS, **validate(WeightStepTable, self.weight_step, ("weight_step",))}
         try:
             check_bootstrap_settings(opts["attempts"], opts["temperature"], opts["traces_per_example"],
                                      opts["hint_attempts"])
@@ -131,8 +148,9 @@ class RunConfig:
 
     def rl_settings(self) -> GRPOSettings:
         """The ``[rl]`` settings with ``[lora]``'s LoRA, checked: unknown names and bad values are one-line errors."""
+        values = validate(RLTable, self.rl, ("rl",))
         try:
-            return GRPOSettings.from_dict(self.rl, lora=self.lora_config())
+            return GRPOSettings.from_dict(values, lora=self.lora_config())
         except (TypeError, ValueError) as exc:
             raise ValueError(f"[rl] {str(exc).replace('RL setting', 'setting', 1)}") from None
 
@@ -140,32 +158,16 @@ class RunConfig:
         """Every setting checked, without loading data or a model; a one-line ValueError naming the setting.
 
         Called by ``load_config`` and by ``run_cell`` before it creates the run
-        directory: the strategy parses, ``sizes`` are three positive integers,
-        the ``[lora]``, ``[weight_step]`` and ``[rl]`` settings are known and valid, the
-        prompt format exists, and the counts are integers in range.
+        directory: every key has its type (``validate``: ``sizes`` are three
+        positive integers, ``threads`` an integer >= 1, ...), the strategy
+        parses, the ``[lora]``, ``[weight_step]`` and ``[rl]`` settings are
+        known and in range, and the prompt format exists.
         """
         from tandem.optimize.better_together import parse_strategy
 
-        if not isinstance(self.strategy, str):
-            raise ValueError(f"setting `strategy` must be text like 'p -> w -> p', got {self.strategy!r}")
+        validate(RunConfig, asdict(self))
         if not is_zero_shot(self.strategy):
             parse_strategy(self.strategy, set(STEP_LETTERS))  # the steps BetterTogether runs
-        if self.sizes is not None:
-            check_sizes(self.sizes)
-        for name, low, optional in (("seed", None, False), ("data_seed", None, True), ("threads", 1, False),
-                                    ("num_candidates", 1, False), ("max_demos", 0, False),
-                                    ("prompt_train", 1, True), ("prompt_val", 1, True)):
-            value = getattr(self, name)
-            if value is None and optional:
-                continue
-            if not isinstance(value, int) or isinstance(value, bool) or (low is not None and value < low):
-                what = "an integer" if low is None else f"an integer >= {low}"
-                raise ValueError(f"setting `{name}` must be {what}, got {value!r}")
-        if self.program_from is not None and not (isinstance(self.program_from, str) and self.program_from):
-            raise ValueError(f"setting `program_from` must be a saved program's folder, got {self.program_from!r}")
-        for name in ("lora", "weight_step", "rl", "backend_options"):
-            if not isinstance(getattr(self, name), dict):
-                raise ValueError(f"setting `{name}` must be a table of settings, got {getattr(self, name)!r}")
         self.lora_config()
         self.weight_step_options()
         self.rl_settings()
@@ -179,29 +181,6 @@ class RunConfig:
         slug = self.strategy.replace(" ", "").replace("->", "")
         name = Path(self.task).stem
         return Path(self.run_dir or f"runs/{name}-{slug}-s{self.seed}")
-
-
-def _coerce(name: str, raw: str) -> Any:
-    """A ``--set name=raw`` value as the setting's type; a one-line ValueError naming it when it is not one."""
-    try:
-        if name in ("seed", "data_seed", "num_candidates", "max_demos", "threads", "prompt_train", "prompt_val"):
-            return int(raw)
-        if name == "sizes":
-            return tuple(int(x) for x in raw.split(","))
-    except ValueError:
-        what = "three integers, train,dev,test" if name == "sizes" else "an integer"
-        raise ValueError(f"setting `{name}` must be {what}, got {raw!r}") from None
-    return raw
-
-
-def check_sizes(sizes: Any) -> None:
-    """``sizes`` is three positive integers (train, dev, test); a one-line ValueError naming it otherwise."""
-    ok = (isinstance(sizes, (tuple, list)) and len(sizes) == 3
-          and all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes))
-    if not ok:
-        shown = ",".join(map(str, sizes)) if isinstance(sizes, (tuple, list)) else repr(sizes)
-        raise ValueError(f"setting `sizes` must be three positive integers train,dev,test (e.g. 50,50,50), "
-                         f"got {shown}")
 
 
 def read_toml(path: Path, what: str) -> dict[str, Any]:
@@ -234,39 +213,27 @@ def resolve_paths(values: dict[str, Any], base: str | os.PathLike | None = None)
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, *,
                 defaults: dict[str, Any] | None = None, **kwargs: Any) -> RunConfig:
-    """``defaults``, then the TOML file, then ``key=value`` overrides, then keyword arguments.
+    """``defaults``, then the TOML file, then ``key=value`` overrides (``--set``), then keyword arguments.
 
-    Paths (``resolve_paths``): the file's against its folder; the overrides'
-    and keyword arguments' against the current directory; ``defaults`` are
-    taken as they are. The result is checked (``RunConfig.check``): a bad
-    setting is a one-line ValueError here.
+    Overrides are read by ``tandem.experiments.overrides`` (``sizes=50,50,50``,
+    ``lora.rank=16``). Paths (``resolve_paths``): the file's against its
+    folder; the overrides' and keyword arguments' against the current
+    directory; ``defaults`` are taken as they are. The result is typed and
+    checked (``RunConfig.check``): a bad setting is a one-line ValueError here.
     """
     values: dict[str, Any] = dict(defaults or {})
     if path is not None:
         path = Path(path)
         values.update(resolve_paths(read_toml(path, "config file"), path.parent))
-    known = {f.name for f in fields(RunConfig)}
     given: dict[str, Any] = {}
-    for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        if key.startswith("lora."):
-            values.setdefault("lora", {})[key[5:]] = _number(raw)
-        elif key.startswith("weight_step."):
-            values.setdefault("weight_step", {})[key[12:]] = setting_value(raw)
-        elif key.startswith("rl."):
-            values.setdefault("rl", {})[key[3:]] = setting_value(raw)
+    for key, value in parse_overrides(overrides, RunConfig):
+        if len(key) == 1:
+            given[key[0]] = value
         else:
-            given[key] = _coerce(key, raw)
+            put(values, key, value)
     given.update({k: v for k, v in kwargs.items() if v is not None})
     values.update(resolve_paths(given))
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    if isinstance(values.get("sizes"), list):
-        values["sizes"] = tuple(values["sizes"])
-    return RunConfig(**values).check()
+    return validate(RunConfig, values).check()
 
 
 def check_format(name: Any) -> None:
@@ -277,24 +244,10 @@ def check_format(name: Any) -> None:
         get_format(name)
 
 
-def setting_value(raw: str) -> Any:
-    """A ``--set section.key=raw`` value: a number, true/false, or the text."""
-    if raw.lower() in ("true", "false"):
-        return raw.lower() == "true"
-    return _number(raw)
-
-
-def _number(raw: str) -> Any:
-    for conv in (int, float):
-        try:
-            return conv(raw)
-        except ValueError:
-            pass
-    return raw
-
-
 def resolve_task(cfg: RunConfig) -> Task:
     """The task ``cfg`` names: a built-in one, or a task file (``task_from_file``: errors name the file)."""
+    if cfg.task is None:
+        raise ValueError("no task given: name one (iris, gsm8k, hotpotqa or a task .py file), or set `task`")
     if not cfg.task.endswith(".py"):
         return get_task(cfg.task)
     return task_from_file(cfg.task)
