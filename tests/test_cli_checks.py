@@ -78,6 +78,30 @@ def test_config_file_settings_are_checked_too(tmp_path, capsys, no_lm):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("text, sets, expected", [
+    ("", ["seeds=0,x"], 'seeds: expected a non-empty list of integers, got [0, "x"]'),
+    ("", ["tasks="], "tasks: expected a non-empty list of strings, got []"),
+    ("", ["per_task.iris.sizes=1,2"], "[per_task.iris] sizes: expected 3 positive integers, got [1, 2]"),
+    ("", ["lora.rnak=1"], "[lora] rnak: unknown setting (got 1); known: alpha, "),
+    ("", ["weight_step.balance=maybe"], '[weight_step] balance: expected "auto" or true or false, got "maybe"'),
+    ("", ["rl.steps=0"], "[rl] setting `steps` must be an integer >= 1, got 0"),
+    ("", ["backend_options=3"], "backend_options: expected a table, got 3"),
+    ('threads = "many"\n', [], 'threads: expected an integer >= 1, got "many"'),
+    ("[per_task.iris.lora]\nrank = 1.5\n", [], "[per_task.iris.lora] rank: expected an integer, got 1.5"),
+    ("[per_task.iris]\nsead = 1\n", [], "[per_task.iris] sead: unknown setting (got 1); known: backend_options, "),
+])
+def test_experiment_rejects_bad_settings_before_the_model_and_the_out_dir(text, sets, expected, tmp_path, capsys,
+                                                                          no_lm):
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'tasks = ["iris"]\nmodels = ["fakebackend:m"]\nstrategies = ["p"]\nseeds = [0]\n'
+                   f'out = "{tmp_path / "out"}"\n{text}')
+    args = [a for item in sets for a in ("--set", item)]
+    assert main(["experiment", str(exp), *args]) == 2
+    line = one_error_line(capsys)  # printed literally: "[per_task.iris]" is not read as markup
+    assert line.startswith(f"error: {expected}"), line
+    assert not (tmp_path / "out").exists()
+
+
 def test_good_settings_pass_the_checks():
     cfg = load_config(None, ["sizes=30,15,15", "lora.rank=8", "weight_step.attempts=2"], task="iris",
                       strategy="p -> w")
