@@ -24,7 +24,7 @@ from tandem.program import (
     ChainOfThought, Example, InputField, Module, OutputField, ParseError, Predict, Prediction,
     Signature, trace,
 )
-from tandem.program.persist import load_program as load
+from tandem.persist import load_program as load
 from tandem.settings import settings
 
 if TYPE_CHECKING:

@@ -40,8 +40,8 @@ from tandem.experiments.config import RunConfig, load_config, resolve_path, reso
 from tandem.experiments.run import load_data, records_of
 from tandem.experiments.stats import PairedTest, bootstrap_diff, is_binary, paired_test
 from tandem.log_examples import check_examples, is_examples_file, read_examples
+from tandem.persist import load_program
 from tandem.program import Example, Module
-from tandem.program.persist import load_program
 from tandem.tasks.registry import Task
 
 SPLITS = ("train", "dev", "test", "all")

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Iterator
 
 from tandem.fileio import atomic_dir, write_json
-from tandem.program.persist import read_program_file, resolve_program_dir
+from tandem.program.program_file import read_program_file, resolve_program_dir
 
 FILE = "deploy.json"
 FORMAT = "tandem.deployment"

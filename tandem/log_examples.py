@@ -37,12 +37,12 @@ import json
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tandem.fileio import write_text
 from tandem.program import Example, Module
+from tandem.program.fields import program_fields
 
 SPLITS = ("train", "dev", "test")
 DEFAULT_FRACTIONS = (0.6, 0.2, 0.2)
@@ -52,39 +52,7 @@ class ExamplesFileError(ValueError):
     """An examples file that cannot be read, or whose examples do not fit the program; one line naming it."""
 
 
-# -- what a program's examples hold ---------------------------------------------------------------
-@dataclass(frozen=True)
-class LabelSpec:
-    name: str
-    choices: tuple[str, ...] = ()
-
-
-def program_label_fields(program: Module) -> list[LabelSpec]:
-    """The fields a label names: the program's ``label_fields`` when it declares them, else the
-    output fields of its last predictor (``named_predictors`` order) less ``reasoning``."""
-    declared = getattr(program, "label_fields", None)
-    preds = program.named_predictors()
-    outputs = {f.name: f for _, p in preds for f in p.signature.output_fields}
-    if declared is not None:
-        return [LabelSpec(n, tuple(str(c) for c in outputs[n].choices) if n in outputs else ()) for n in declared]
-    if not preds:
-        return []
-    fields = [f for f in preds[-1][1].signature.output_fields if f.name != "reasoning"]
-    return [LabelSpec(f.name, tuple(str(c) for c in f.choices)) for f in fields]
-
-
-def program_fields(program: Module) -> tuple[list[str], list[str]]:
-    """(required input fields, label fields) of ``program``: what each of its examples must hold."""
-    try:
-        from tandem.serve_inputs import program_input_fields
-
-        inputs = [f.name for f in program_input_fields(program)[0] if f.required]
-    except ImportError:  # no pydantic: the first predictor's inputs
-        preds = program.named_predictors()
-        inputs = [f.name for f in preds[0][1].signature.input_fields] if preds else []
-    return inputs, [s.name for s in program_label_fields(program)]
-
-
+# -- checking examples against a program -----------------------------------------------------------
 def check_examples(examples: list[Example], program: Module, where: str) -> None:
     """Every example holds ``program``'s input and label fields; else one line saying which is missing."""
     inputs, labels = program_fields(program)

@@ -46,7 +46,7 @@ from tandem.evaluate import evaluate
 from tandem.evaluate.evaluate import EvalResult
 from tandem.log_examples import check_examples, is_examples_file, read_examples
 from tandem.program import Example, Prediction
-from tandem.program.persist import read_program_file, resolve_program_dir
+from tandem.program.program_file import read_program_file, resolve_program_dir
 from tandem.tasks.errors import DataError
 
 LOWER_IS_BETTER = {

@@ -29,11 +29,11 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+from tandem.persist import load_program, read_program_file, resolve_program_dir
+from tandem.program.fields import InputSpec, program_input_fields, program_label_fields
 from tandem.program.module import Module
-from tandem.program.persist import load_program, read_program_file, resolve_program_dir
 from tandem.serve_app import MAX_BATCH_ITEMS, MAX_BODY_BYTES, MAX_CONCURRENCY, TIMEOUT_S, create_app
 from tandem.serve_http import uvicorn_config
-from tandem.serve_inputs import InputSpec, program_input_fields, program_label_fields
 
 __all__ = [
     "InputSpec", "bind_socket", "create_app", "is_loopback", "load_for_serving", "parse_model_options",

@@ -39,14 +39,13 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"tandem serve needs fastapi and uvicorn: pip install 'tandem[serve]' ({exc})") from exc
 
 from tandem.lm.base import ContextLengthError, LMError
+from tandem.program.fields import program_input_fields, program_label_fields
 from tandem.program.module import Module
-from tandem.program.persist import lm_reference
+from tandem.program.program_file import lm_reference
 from tandem.program.render import ParseError
 from tandem.program.trace import trace
 from tandem.serve_http import BodyLimit, error_body
-from tandem.serve_inputs import (
-    BODY_KEYS, check_feedback, describe_validation_error, program_input_fields, program_label_fields, request_models,
-)
+from tandem.serve_inputs import BODY_KEYS, check_feedback, describe_validation_error, request_models
 from tandem.serve_log import RequestLog, UnknownRequest
 
 log = logging.getLogger(__name__)

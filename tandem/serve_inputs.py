@@ -1,15 +1,13 @@
-"""What a request to ``tandem serve`` must hold: the program's input fields, the pydantic
-models that check request bodies against them, validation errors in this API's words, and
+"""What a request to ``tandem serve`` must hold: the pydantic models that check request bodies
+against the program's input fields, validation errors in this API's words, and
 ``check_feedback`` for ``/v1/feedback`` bodies (labels of ``program_label_fields``).
 
-``program_input_fields(program)`` finds the fields; ``request_models(fields, max_batch_items)``
-builds the body models of ``/v1/predict`` and ``/v1/predict_batch`` from them;
+``tandem.program.fields.program_input_fields(program)`` finds the fields;
+``request_models(fields, max_batch_items)`` builds the body models of ``/v1/predict`` and ``/v1/predict_batch`` from them;
 ``describe_validation_error`` turns one pydantic error into a ``(field, message)`` pair.
 """
 
-import inspect
 import math
-from dataclasses import dataclass
 from typing import Annotated, Any, Union
 
 try:
@@ -18,60 +16,10 @@ try:
 except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"tandem serve needs fastapi and uvicorn: pip install 'tandem[serve]' ({exc})") from exc
 
-from tandem.log_examples import LabelSpec, program_label_fields  # noqa: F401 - the feedback's label fields
-from tandem.program.module import Module
+from tandem.program.fields import InputSpec, LabelSpec
 
 # The key of each endpoint's body: /v1/predict takes {"inputs": {...}}, /v1/predict_batch {"items": [{...}]}.
 BODY_KEYS = {"/v1/predict": "inputs", "/v1/predict_batch": "items"}
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    name: str
-    required: bool = True
-    desc: str = ""
-
-
-def program_input_fields(program: Module) -> tuple[list[InputSpec], str]:
-    """The fields a request's ``inputs`` must hold, and where they came from.
-
-    In this order:
-
-    1. ``"declared"``: the program (class or instance) has ``input_fields = ("question", ...)``;
-    2. ``"forward"``: ``forward`` names its parameters (``def forward(self, question, k=3)``)
-       and takes no ``*args``/``**kwargs``; parameters with a default are optional;
-    3. ``"predictor"``: the input fields of the only predictor, or of the first one
-       (``named_predictors`` order) when there are several.
-
-    Descriptions come from the predictors' fields of the same name.
-    """
-    preds = program.named_predictors()
-    descs: dict[str, str] = {}
-    for _, p in reversed(preds):
-        descs.update({f.name: f.desc for f in p.signature.input_fields if f.desc})
-
-    declared = getattr(program, "input_fields", None)
-    if declared is not None:
-        if isinstance(declared, str) or not all(isinstance(n, str) and n.isidentifier() for n in declared):
-            raise TypeError(f"{type(program).__name__}.input_fields must be a tuple of field names, not {declared!r}")
-        return [InputSpec(n, True, descs.get(n, "")) for n in declared], "declared"
-
-    from tandem.program.predict import Predict
-
-    forward = type(program).forward
-    if forward is not Module.forward and forward is not Predict.forward:
-        params = list(inspect.signature(forward).parameters.values())[1:]  # drop self
-        kinds = {p.kind for p in params}
-        if params and not kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
-            return [InputSpec(p.name, p.default is inspect.Parameter.empty, descs.get(p.name, ""))
-                    for p in params], "forward"
-
-    if not preds:
-        raise TypeError(
-            f"{type(program).__name__} has no predictors and declares no input_fields; "
-            "set input_fields = ('name', ...) on the class"
-        )
-    return [InputSpec(f.name, True, f.desc) for f in preds[0][1].signature.input_fields], "predictor"
 
 
 def _scalar(value: Any) -> Any:

@@ -449,7 +449,7 @@ def test_close_then_use_again(server):
 
 def test_saved_program_reloads_with_its_server_and_adapter(server, tmp_path):
     """program.json keeps the server's address, endpoint and adapter: load_program needs no lm_options."""
-    from tandem.program.persist import load_program
+    from tandem.persist import load_program
 
     class Solve(Module):
         def __init__(self):

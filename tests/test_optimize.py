@@ -14,7 +14,7 @@ from tandem.optimize import (
     BetterTogether, BootstrapFinetune, RandomSearch, SplitPlan, StrategyError, bootstrap, parse_strategy,
 )
 from tandem.optimize.base import CompileResult, StepRecord
-from tandem.program.persist import ProgramFileError, load_program, read_program_file
+from tandem.persist import ProgramFileError, load_program, read_program_file
 
 
 

@@ -127,7 +127,7 @@ def test_top_level_api():
     from tandem import BetterTogether as BT, evaluate, get_lm, load
     from tandem.evaluate.evaluate import evaluate as evaluate_fn
     from tandem.lm.registry import get_lm as get_lm_fn
-    from tandem.program.persist import load_program
+    from tandem.persist import load_program
 
     assert BT is BetterTogether and evaluate is evaluate_fn and get_lm is get_lm_fn and load is load_program
     assert tandem.RandomSearch is RandomSearch and "BetterTogether" in dir(tandem)

@@ -162,7 +162,7 @@ def test_experiment_report_has_settings_load_time_and_saves_markdown(tmp_path):
 
 
 def test_loss_parts_fall_back_to_history_and_skip_other_adapter_records(tmp_path):
-    from tandem.experiments.report import loss_parts
+    from tandem.experiments.report_run import loss_parts
 
     history = [
         {"kind": "start"},

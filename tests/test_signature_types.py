@@ -8,7 +8,7 @@ import pytest
 
 from tandem import ChainOfThought, Example, InputField, Module, OutputField, ParseError, Predict, Signature, evaluate
 from tandem.lm import FakeLM
-from tandem.program.persist import load_program
+from tandem.persist import load_program
 from tandem.program.signature import Field, parse_value
 from tandem.program.render import parse_output
 

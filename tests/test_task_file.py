@@ -21,7 +21,7 @@ from tandem.cli import main
 from tandem.experiments.config import load_config, resolve_task
 from tandem.experiments.grid import load_experiment
 from tandem.lm import FakeLM
-from tandem.program.persist import ProgramFileError
+from tandem.persist import ProgramFileError
 
 WINE = Path(__file__).resolve().parents[1] / "examples" / "wine_task.py"
 

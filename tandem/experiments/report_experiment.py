@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tandem.experiments.grid import load_results
 from tandem.experiments.paper import PAPER_MODELS, normalize_strategy, paper_cell, task_label
-from tandem.experiments.report import fmt, run_context, setting_rows, step_offset, tokens
+from tandem.experiments.report_run import fmt, run_context, setting_rows, step_offset, tokens
 from tandem.experiments.report_plots import png, pyplot
 from tandem.experiments.table import PAIRED_NOTE, ci_text, paired_rows, run_seconds, table_markdown
 

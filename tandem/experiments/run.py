@@ -110,7 +110,7 @@ def check_program_from(cfg: RunConfig, task: Task, data: Any, model: str | None 
         return None
     from tandem.deploy import program_source
     from tandem.lm.registry import split_spec
-    from tandem.program.persist import read_program_file
+    from tandem.program.program_file import read_program_file
 
     program_dir = program_source(cfg.program_from)
     doc = read_program_file(program_dir)
@@ -135,7 +135,7 @@ def start_program(cfg: RunConfig, task: Task, data: Any, lm):
     model = f"{spec['backend']}:{spec['model']}"
     program_dir = check_program_from(cfg, task, data, model)
     if program_dir is not None:
-        from tandem.program.persist import load_program
+        from tandem.persist import load_program
 
         program = load_program(program_dir, program=program, lms={model: lm})
         for _, pred in program.named_predictors():
@@ -287,7 +287,7 @@ def run_cell(
 
     history: list[dict] = []
     if zero_shot:
-        from tandem.program.persist import save_program
+        from tandem.program.program_file import save_program
 
         dev = evaluate(program, splits["dev"], task.metric, num_threads=cfg.threads, progress=bar("zero-shot dev"))
         base_records, base_score, base = baseline()

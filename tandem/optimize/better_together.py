@@ -77,9 +77,9 @@ from tandem.optimize.finetune import BootstrapFinetune
 from tandem.optimize.grpo import GRPO
 from tandem.optimize.plan import PLAN_VERSION, ResumeMismatch, differences, run_settings
 from tandem.optimize.random_search import RandomSearch
+from tandem.persist import load_program, save_program
 from tandem.program.example import Example
 from tandem.program.module import Module
-from tandem.program.persist import load_program, save_program
 
 log = logging.getLogger(__name__)
 

@@ -30,10 +30,14 @@ from __future__ import annotations
 
 import contextvars
 import copy
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator
 
 from tandem.program.example import Prediction
+from tandem.program.program_file import save_program
 from tandem.program.trace import current_trace
+
+if TYPE_CHECKING:
+    from tandem.program.predict import Predict
 
 
 class _Call:
@@ -83,6 +87,10 @@ def predictor_name(pred: "Module") -> str:
 class Module:
     """Base class of programs. Subclasses define ``forward(**inputs) -> Prediction``."""
 
+    #: True for a predictor (``Predict`` and its subclasses): ``named_predictors`` lists it
+    #: and does not look inside it.
+    is_predictor: ClassVar[bool] = False
+
     def forward(self, **inputs: Any) -> Prediction:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -100,10 +108,8 @@ class Module:
             if not name.startswith("_"):
                 yield from _modules_in(name, value)
 
-    def named_predictors(self) -> list[tuple[str, "Predict"]]:  # noqa: F821
+    def named_predictors(self) -> list[tuple[str, Predict]]:
         """``(name, predictor)`` pairs, in attribute order; a predictor reachable twice keeps its first name."""
-        from tandem.program.predict import Predict
-
         out: list[tuple[str, Predict]] = []
         seen: set[int] = set()
 
@@ -111,8 +117,8 @@ class Module:
             if id(mod) in seen:
                 return
             seen.add(id(mod))
-            if isinstance(mod, Predict):
-                out.append((prefix or "self", mod))
+            if mod.is_predictor:
+                out.append((prefix or "self", mod))  # type: ignore[arg-type]
                 return
             for name, child in mod._children():
                 walk(f"{prefix}.{name}" if prefix else name, child)
@@ -165,12 +171,10 @@ class Module:
         return out
 
     def save(self, directory, *, seed: int | None = None):
-        """Write program.json and adapter folders to ``directory`` (see persist.py)."""
-        from tandem.program.persist import save_program
-
+        """Write program.json and adapter folders to ``directory`` (``tandem.program.program_file``)."""
         return save_program(self, directory, seed=seed)
 
-    # -- state (prompts only; saving with models lives in tandem.program.persist) --
+    # -- state (prompts only; program.json with models is tandem.program.program_file) --
     def dump_state(self) -> dict:
         return {name: p.dump_state() for name, p in self.named_predictors()}
 

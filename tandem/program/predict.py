@@ -63,6 +63,8 @@ def hint_override(hint: dict | None) -> Iterator[None]:
 
 
 class Predict(Module):
+    is_predictor = True
+
     def __init__(
         self,
         signature: Signature | str | type,
