@@ -22,7 +22,7 @@ from tandem.program import ChainOfThought, Example, InputField, Module, OutputFi
 from tandem.tasks.data import DataError, Splits, data_error, read_records, split
 
 __all__ = [
-    "GSM8KSolver", "SolveMathProblem", "extract_number", "gsm8k_metric", "load_gsm8k",
+    "GSM8KSolver", "SolveMathProblem", "extract_number", "gsm8k_file", "gsm8k_metric", "load_gsm8k",
     "parse_gsm8k_answer", "read_gsm8k",
 ]
 
@@ -119,7 +119,8 @@ def read_gsm8k(path: str | Path) -> list[Example]:
     return out
 
 
-def _resolve(path: str | Path, name: str) -> Path:
+def gsm8k_file(path: str | Path, name: str) -> Path:
+    """``path`` itself, or its file ``name`` when ``path`` is a folder (``train.jsonl``, ``test.jsonl``)."""
     p = Path(path)
     return p / name if p.is_dir() else p
 
@@ -140,9 +141,9 @@ def load_gsm8k(
     None takes every remaining row. With ``test_path`` (the official
     test.jsonl or its folder), test is its first ``test`` rows (all when None).
     """
-    rows = read_gsm8k(_resolve(path, "train.jsonl"))
+    rows = read_gsm8k(gsm8k_file(path, "train.jsonl"))
     if test_path is not None:
-        tests = read_gsm8k(_resolve(test_path, "test.jsonl"))
+        tests = read_gsm8k(gsm8k_file(test_path, "test.jsonl"))
         if test is not None and len(tests) < test:
             raise DataError(f"test={test} but {test_path} has only {len(tests)} rows")
         test_rows = tests if test is None else tests[:test]

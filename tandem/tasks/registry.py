@@ -127,14 +127,14 @@ GSM8K_SIZES = (1000, 500, 1319)
 
 
 def _gsm8k() -> Task:
-    from tandem.tasks.gsm8k import GSM8KSolver, _resolve, gsm8k_metric, load_gsm8k, read_gsm8k
+    from tandem.tasks.gsm8k import GSM8KSolver, gsm8k_file, gsm8k_metric, load_gsm8k, read_gsm8k
 
     def load(data=None, seed=0, sizes=None):
         train, dev, test = _sizes(sizes, GSM8K_SIZES)
         return load_gsm8k(default_data("gsm8k", data), train=train, dev=dev, test=test, seed=seed)
 
     def read(data=None):
-        return read_gsm8k(_resolve(default_data("gsm8k", data), "train.jsonl"))
+        return read_gsm8k(gsm8k_file(default_data("gsm8k", data), "train.jsonl"))
 
     return Task("gsm8k", load, GSM8KSolver, gsm8k_metric, GSM8K_SIZES, (100, 250),
                 notes="test is cut from the train file (the official test split is not local)", read=read)
