@@ -32,10 +32,13 @@ def test_a_served_request_is_logged_and_takes_feedback(tmp_path):
     with tandem_server(tmp_path / "champ", "--log", str(log_dir)) as (url, _):
         health = httpx.get(f"{url}/health").json()
         assert health["request_log"] is True
+        start = time.perf_counter()
         r = httpx.post(f"{url}/v1/predict", json={"inputs": VERSICOLOR})
+        elapsed = time.perf_counter() - start
         assert r.status_code == 200, r.text
         body = r.json()
         rid, version = body["request_id"], body["program_version"]
+        assert 0 < body["latency_s"] <= elapsed
         assert body["outputs"]["species"] == "virginica" and version == health["program_version"]
         batch = httpx.post(f"{url}/v1/predict_batch", json={"items": [FLOWER, FLOWER]}).json()
         batch_ids = [item["request_id"] for item in batch["results"]]
@@ -75,7 +78,7 @@ def test_a_served_request_is_logged_and_takes_feedback(tmp_path):
     try:
         row = log.get(rid)
         assert row["inputs"] == VERSICOLOR and row["outputs"]["species"] == "virginica" and row["status"] == 200
-        assert row["program_version"] == version and row["latency_s"] >= 0 and row["endpoint"] == "/v1/predict"
+        assert row["program_version"] == version and row["latency_s"] == body["latency_s"] and row["endpoint"] == "/v1/predict"
         assert log.get(batch_ids[0])["endpoint"] == "/v1/predict_batch"
         assert log.count() == {"requests": 3, "feedback": 2, "requests_with_feedback": 1}
         assert [f["score"] for f in log.feedback_of(rid)] == [None, 0.0]

@@ -7,7 +7,7 @@ import pytest
 import tandem
 from tandem import ChainOfThought, Module, ParseError, Predict
 from tandem.lm import FakeLM
-from tandem.program.formats import FORMATS, PromptFormat, get_format
+from tandem.program.formats import FORMATS, get_format
 from tandem.program.markers import NOT_SUPPLIED, parse_output
 from tandem.program.predict import hint_override
 
@@ -76,7 +76,7 @@ def test_unknown_format_is_a_clear_error():
         Predict("x -> y", format="chat")
     with pytest.raises(ValueError, match="unknown prompt format"):
         Predict("x -> y").load_state({**Predict("x -> y").dump_state(), "format": "nope"})
-    assert isinstance(get_format(None), PromptFormat)
+    assert get_format(None) is FORMATS["fields"]  # None: the default format
 
 
 def test_json_format_prompt_parse_and_broken_objects():

@@ -95,12 +95,14 @@ def test_health_and_program(iris_server):
 
 
 def test_predict_returns_the_programs_outputs(iris_server, iris_lm):
+    start = time.perf_counter()
     r = httpx.post(f"{iris_server}/v1/predict", json={"inputs": FLOWER})
+    elapsed = time.perf_counter() - start
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["outputs"] == {"reasoning": "the petals are 1.4 cm long.", "species": "setosa"}
     assert body["usage"]["calls"] == 1 and body["usage"]["prompt_tokens"] > 0
-    assert body["latency_s"] >= 0
+    assert 0 < body["latency_s"] <= elapsed  # the server's own time, within the client's
     assert "Petal Length: 1.4" in iris_lm.prompts[-1]
     # numbers are scalars too; the prompt shows str(value)
     r = httpx.post(f"{iris_server}/v1/predict", json={"inputs": {**FLOWER, "petal_length": 5.9}})
@@ -265,12 +267,14 @@ def test_concurrent_requests_reach_the_engine_together():
 def test_parse_error_is_502_with_the_reply():
     lm = FakeLM(" I am not sure.")  # never names a species
     with running(create_app(IrisClassifier().set_lm(lm))) as url:
+        start = time.perf_counter()
         r = httpx.post(f"{url}/v1/predict", json={"inputs": FLOWER})
+        elapsed = time.perf_counter() - start
         assert r.status_code == 502, r.text
         err = r.json()["error"]
         assert err["type"] == "parse_error" and err["missing"] == ["species"]
         assert "I am not sure." in err["completion"]
-        assert r.json()["latency_s"] >= 0
+        assert 0 < r.json()["latency_s"] <= elapsed
         assert r.json()["usage"]["calls"] == 3  # the reply, then twice a continuation asking for the species
         # in a batch a failed item is an entry with its status; the others are answered
         batch = httpx.post(f"{url}/v1/predict_batch", json={"items": [FLOWER, FLOWER]}).json()
