@@ -1,6 +1,48 @@
-"""The one explicit settings object: where tandem keeps files, the default LM.
+"""The one explicit settings object (the default LM), where tandem keeps files, and the list of
+everything else that lives for the whole process.
 
-Nothing else in the package is global. Tests reset it with ``settings.reset()``.
+``settings.lm`` is the LM of predictors that have none of their own; tests
+reset it with ``settings.reset()``. ``tandem_home()`` reads ``TANDEM_HOME``
+at each call.
+
+Other process-wide state, each named here (tests/test_layers.py fails on a
+module-level object that holds state and is not in this list):
+
+- ``tandem.lm.cache._default``: the default call cache, one SQLite file under
+  ``tandem_home()`` (``default_cache()``; ``TANDEM_CACHE=0``, read at each
+  call, turns it off).
+- ``tandem.lm.registry._BACKENDS``: backends added with ``register_backend``.
+- ``tandem.lm.vllm._engines``: the running vLLM engines, one per checkpoint,
+  shared by every ``VLLM`` object that points at it;
+  ``tandem.lm.vllm._stats``: what each engine this process started did
+  (``engine_stats()``); ``tandem.lm.vllm._aborted``: set once SIGTERM has
+  stopped the engines.
+- ``tandem.lm.vllm.MAX_ENGINES`` and ``tandem.lm.vllm.RELOAD_WEIGHTS``: read from
+  ``TANDEM_MAX_ENGINES`` and ``TANDEM_RELOAD_WEIGHTS`` when ``tandem.lm.vllm``
+  is imported.
+- ``tandem.lm.hf._bases``: loaded transformers models, one per checkpoint and
+  dtype, kept while an ``HFLM`` uses it.
+- ``tandem.serve_http._PROTOCOLS``: uvicorn's HTTP protocol classes with
+  JSON error replies, made once per protocol.
+- ``tandem.experiments.table._OUTCOMES``: per-example test scores read from
+  results files, by path, modification time and size.
+- ``tandem.tasks.registry._FACTORIES``: the tasks by name, built in and added
+  with ``register_task``; ``tandem.tasks.retrieval._STOPWORDS``: bm25s's
+  English stop words, loaded on first use.
+- ``tandem.cli_output.console``: the console the CLI writes its messages to.
+- ``tandem.quiet``: ``configure()`` runs when ``tandem`` is imported and sets
+  the libraries' loggers, the warning filters and the libraries' environment
+  variables for the level that ``TANDEM_LOG`` asks for;
+  ``tandem.quiet._ours`` holds the environment values it set and
+  ``tandem.quiet._current`` the level it set them for.
+
+Read from the environment when used, not at import: ``TANDEM_HOME``,
+``TANDEM_CACHE``, ``TANDEM_DATA`` (where task data is looked for) and
+``OPENAI_API_KEY``. The CLI and the vLLM backend set defaults for the
+libraries' own variables (``VLLM_LOGGING_LEVEL`` and the like) with
+``os.environ.setdefault``, so a value the user set wins. Context variables
+(the active trace, module calls, sampling and hint overrides) belong to one
+thread or context, not to the process.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
 """The package's shape, read from its source: no import circles, no private names across modules,
-short files, and no project history in docstrings or comments.
+short files, no project history in docstrings or comments, and process-wide state named in one
+place (tandem/settings.py's docstring).
 
 The import graph is built with ``ast`` from every ``.py`` file under tandem/.
 Every import statement is an edge, at module level and inside functions
@@ -227,3 +228,59 @@ def test_the_history_pattern_catches_history_and_not_code():
     for text in ("its own session, so signals", "rounds the score to 1 decimal", "the last round of sampling",
                  "start_new_session=True"):
         assert not HISTORY.search(text), text
+
+
+# -- process-wide state ----------------------------------------------------------------------------
+NOT_STATE_CALLS = re.compile(r"(logging\.getLogger|contextvars\.ContextVar|threading\.R?Lock|re\.compile|TypeVar)\b")
+MUTATORS = {"append", "extend", "add", "update", "setdefault", "pop", "popitem", "clear", "remove", "discard",
+            "insert", "set"}
+
+
+def process_state() -> set[str]:
+    """``module.name`` of each module-level object that holds state for the whole process: a name
+    rebound with ``global``, a container or object the module changes (``NAME[k] = v``,
+    ``NAME.append(...)``, ``NAME.set()``), a value read from the environment at import, or an
+    object built at import under a lowercase name (``console = Console()``)."""
+    found = set()
+    for mod, path in MODULES.items():
+        text = path.read_text()
+        tree = ast.parse(text)
+        top: dict[str, ast.AST] = {}
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            for t in targets:
+                if isinstance(t, ast.Name) and not t.id.startswith("__") and node.value is not None:
+                    top[t.id] = node.value
+        changed = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Global):
+                changed.update(node.names)
+            elif isinstance(node, (ast.Assign, ast.AugAssign, ast.Delete)):
+                for t in node.targets if isinstance(node, (ast.Assign, ast.Delete)) else [node.target]:
+                    if isinstance(t, ast.Subscript) and isinstance(t.value, ast.Name):
+                        changed.add(t.value.id)
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in MUTATORS
+                  and isinstance(node.func.value, ast.Name)):
+                changed.add(node.func.value.id)
+        for name, value in top.items():
+            src = ast.get_source_segment(text, value) or ""
+            from_env = "environ" in src or "getenv" in src
+            built = name.lstrip("_")[:1].islower() and isinstance(value, ast.Call)
+            if NOT_STATE_CALLS.match(src):  # a logger, a lock, a pattern, or a context variable (per context)
+                continue
+            if name in changed or from_env or built:
+                found.add(f"{mod}.{name}")
+    return found - {"tandem.settings.settings"}
+
+
+def named_in_settings() -> set[str]:
+    doc = ast.get_docstring(ast.parse((ROOT / "settings.py").read_text())) or ""
+    return {m for m in re.findall(r"``(tandem(?:\.\w+)+)``", doc)
+            if m not in MODULES and m.rsplit(".", 1)[0] in MODULES}
+
+
+def test_process_wide_state_is_named_in_settings():
+    """settings.py's docstring lists every piece of process-wide state; the list is neither short nor stale."""
+    state, named = process_state(), named_in_settings()
+    assert not state - named, f"process-wide state not named in tandem/settings.py's docstring: {sorted(state - named)}"
+    assert not named - state, f"tandem/settings.py names state that is not there (any more): {sorted(named - state)}"
