@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks" / "vs_dspy"))
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-WAYS = {  # name -> the reasoning a labelled demo shows (None: left out, as in sessions 1-3)
+WAYS = {  # name -> the reasoning a labelled demo shows (None: left out, no filler line)
     "left out": None,
     "Not given for this example.": "Not given for this example.",  # tandem's NOT_GIVEN
     "Not supplied for this particular example.": "Not supplied for this particular example.",  # DSPy's words

@@ -1,4 +1,4 @@
-"""The prompt step's changes of session 4, each against the one before.
+"""The prompt step with and without a filler line for a demo's missing fields, and with shared teachers.
 
     .venv/bin/python benchmarks/prompt_step.py                    # 4 rounds of each variant
     .venv/bin/python benchmarks/prompt_step.py --rounds 6 --num-candidates 6
@@ -7,18 +7,18 @@ Iris's prompt step (RandomSearch, at most 3 demos, on the 15 / 35 split of
 benchmarks/vs_dspy) on one in-process engine, in these variants:
 
     before       a labelled demo's reply leaves out the reasoning it does not
-                 have (sessions 1-3)
+                 have
     after        a labelled demo shows its missing reasoning as "Not given for
-                 this example." (tandem.program.render.NOT_GIVEN; the default now)
+                 this example." (tandem.program.render.NOT_GIVEN; the default)
     shared       after, and every bootstrap teacher shows the same labelled
                  demos (less the example itself), so the engine caches their
                  prefix (BootstrapFewShot.teacher_demos = "shared"; not the
                  default: it saved no time with 9 candidates, and chose worse)
 
-Two more, scoring the zero-shot and labelled candidates while the bootstrap
-runs and issuing re-samples with the greedy try, gained nothing and were
-removed; benchmarks/results/prompt_step_scheduling.json has that run (made
-with this script at commit f6dd344).
+Two other schedules (scoring the zero-shot and labelled candidates while the
+bootstrap runs; issuing re-samples with the greedy try) are not variants
+here: benchmarks/results/prompt_step_scheduling.json and docs/benchmarks.md
+have their measurements (this script at commit f6dd344).
 
 The variants take turns round by round, the order rotating each round, so
 load from other jobs hits all alike. Each round starts from an empty prefix
@@ -113,7 +113,7 @@ def main() -> int:
             time.sleep(0.1)  # the engine's loop thread goes idle once the last future is set
             lm.engine().engine.reset_prefix_cache()
             v = VARIANTS[n]
-            # measurement only: sessions 1-3 rendered a demo's fields as they were
+            # measurement only: the "before" variant renders a demo's fields as they are
             render.complete_demo = complete_demo if v["not_given"] else (lambda _sig, demo: demo)
             rs = RandomSearch(iris_metric, **kw)
             rs.fewshot.teacher_demos = v["teacher_demos"]
