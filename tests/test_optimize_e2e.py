@@ -23,7 +23,7 @@ def test_p_w_p_on_iris_changes_weights_and_round_trips(smollm_vllm, tmp_path):
         iris_metric, strategy="p -> w -> p",
         prompt_optimizer=RandomSearch(iris_metric, num_candidates=3),
         # Samples and the gold answer as a hint: every training example gets a trace to learn from.
-        weight_optimizer=BootstrapFinetune(iris_metric, config=LoRAConfig(epochs=3), attempts=3, hint_attempts=2),
+        weight_optimizer=BootstrapFinetune(iris_metric, config=LoRAConfig(epochs=2), attempts=3, hint_attempts=2),
         splits=SplitPlan(10, 20), run_dir=tmp_path / "run",
     )
     program = IrisClassifier().set_lm(smollm_vllm)
