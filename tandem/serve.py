@@ -11,7 +11,8 @@ engines). A served deployment or program folder is loaded again on ``POST /v1/re
 ``docs/serving.md`` has every endpoint, example and error code. The rest lives in:
 
 - ``tandem.serve_app``: ``create_app(program)``, the routes and their replies;
-- ``tandem.serve_inputs``: the program's input fields and the request models;
+- ``tandem.program.fields``: the program's input and label fields;
+- ``tandem.serve_inputs``: the request models and feedback checks;
 - ``tandem.serve_http``: the error shape, the body limit, JSON replies from the HTTP parser;
 - ``tandem.serve_log``: the request log (``--log DIR``) and its feedback.
 
