@@ -7,6 +7,10 @@
     bt = tandem.BetterTogether(metric, strategy="p -> w -> p", run_dir="runs/x")
     program = tandem.load("runs/x/final")          # a saved program
 
+``import tandem`` quiets the libraries under it (vLLM, transformers, torch):
+their INFO and WARNING lines and Python warnings are hidden unless
+``TANDEM_LOG=info`` (or debug, warning, error) says otherwise (``tandem.quiet``).
+
 ``import tandem`` stays light: no backend engine (vLLM, torch) is imported
 until an LM is built. The optimizers are imported on first use
 (``tandem.BetterTogether``, ``tandem.RandomSearch``, ``tandem.BootstrapFinetune``,
@@ -16,7 +20,15 @@ until an LM is built. The optimizers are imported on first use
 from __future__ import annotations
 
 import importlib
+import logging
 from typing import TYPE_CHECKING, Any
+
+from tandem import quiet
+
+try:  # before vLLM, transformers or torch is imported: their settings are read at import
+    quiet.configure()
+except ValueError as _exc:  # an unknown TANDEM_LOG: quiet, and say so
+    logging.getLogger("tandem").warning("%s", _exc)
 
 from tandem.evaluate.evaluate import evaluate
 from tandem.lm.registry import get_lm

@@ -21,6 +21,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Iterable, Sequence
 
+from tandem.quiet import quiet_library
+
 if TYPE_CHECKING:
     import numpy as np
 
@@ -80,6 +82,8 @@ class BM25Retriever:
                 "BM25 retrieval needs bm25s: pip install 'tandem[tasks]' (or pip install bm25s)"
             ) from exc
         import numpy as np
+
+        quiet_library("bm25s")  # bm25s sets its logger to DEBUG when imported
 
         self._np = np
         self.passages: list[Passage] = list(passages)
