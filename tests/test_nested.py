@@ -281,3 +281,76 @@ def test_a_metric_whose_helper_misses_a_positional_argument_is_not_called_again(
     r = evaluate(Outer().set_lm(make_lm()), data(2), buggy, num_threads=2)
     assert r.failures == {"metric": 2} and sorted(calls) == ["0", "1"]
     assert "missing 1 required positional argument" in r.records[0].error
+
+
+# -- the real embedded model --------------------------------------------------------------------------------
+class Measure(Module):
+    """A sub-module: a list holding a note-taking predictor, and the Iris classifier."""
+
+    def __init__(self):
+        from tandem.tasks.iris import IrisClassifier
+
+        self.notes = [tandem.Predict("petal_length, petal_width -> petal_size", max_tokens=16)]
+        self.classify = IrisClassifier().classify  # ChainOfThought, species closed to the three names
+
+    def forward(self, **m):
+        self.notes[0](petal_length=m["petal_length"], petal_width=m["petal_width"])
+        return self.classify(**m)
+
+
+class NestedIris(Module):
+    """Iris two modules down: the program -> Measure -> (a list's predictor, the classifier)."""
+
+    def __init__(self):
+        self.inner = Measure()
+
+    def forward(self, **m):
+        return self.inner(**m)
+
+
+REAL_NAMES = ["inner.notes[0]", "inner.classify"]
+
+
+@pytest.mark.slow
+def test_nested_program_on_the_real_model_bootstraps_saves_and_loads(smollm_vllm, tmp_path):
+    """BootstrapFewShot on 8 Iris examples with the embedded model: the nested predictors get demos from
+    the model's own traces under the names named_predictors() gives them, and program.json keeps them."""
+    from tandem.tasks.iris import iris_metric, load_iris, split_iris
+
+    splits = split_iris(load_iris(), seed=0, sizes=(8, 3, 3))
+    program = NestedIris().set_lm(smollm_vllm)
+    assert [n for n, _ in program.named_predictors()] == REAL_NAMES
+
+    fs = BootstrapFewShot(iris_metric, max_bootstrapped_demos=2, max_labeled_demos=2, attempts=2, num_threads=8)
+    boot = fs.run_bootstrap(program, splits["train"])
+    assert boot.passed, boot.summary()  # the model passed at least one example: traces to learn from
+    for run in boot.passed:  # every traced call carries the program's name for its predictor
+        assert [e.predictor for e in run.entries] == REAL_NAMES, [e.predictor for e in run.entries]
+    for name in REAL_NAMES:
+        assert boot.calls(name), name
+
+    compiled = fs.assemble(program, boot, splits["train"])  # what compile() does after the bootstrap
+    demos = dict((n, p.demos) for n, p in compiled.named_predictors())
+    assert list(demos) == REAL_NAMES
+    # Bootstrapped demos: the model's own replies, found in the traces under the same names.
+    assert demos["inner.notes[0]"] and all(set(d) == {"petal_length", "petal_width", "petal_size"}
+                                           for d in demos["inner.notes[0]"])
+    assert any("reasoning" in d for d in demos["inner.classify"]), demos["inner.classify"]
+    assert demos["inner.notes[0]"][0]["petal_size"] == boot.calls("inner.notes[0]")[0].outputs["petal_size"]
+
+    with trace() as t:
+        pred = compiled(**splits["test"][0].inputs())
+    assert [e.predictor for e in t] == REAL_NAMES and pred.species
+
+    compiled.save(tmp_path / "saved", seed=0)
+    saved = json.loads((tmp_path / "saved" / "program.json").read_text())
+    assert list(saved["predictors"]) == REAL_NAMES
+    assert [len(saved["predictors"][n]["demos"]) for n in REAL_NAMES] == [len(demos[n]) for n in REAL_NAMES]
+    loaded = tandem.load(tmp_path / "saved", program=NestedIris(), lms={"vllm:smollm2-135m": smollm_vllm})
+    assert loaded.dump_state() == compiled.dump_state()
+    assert loaded.inner.classify.demos == demos["inner.classify"]
+    ex = splits["test"][1]
+    with trace() as t:
+        again = loaded(**ex.inputs())
+    assert [e.predictor for e in t] == REAL_NAMES
+    assert dict(again) == dict(compiled(**ex.inputs()))  # greedy: the same prompts give the same replies
