@@ -68,24 +68,31 @@ def write_json(path: str | os.PathLike, value: Any, *, indent: int | None = 1) -
 
 @contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``path``; on success it replaces ``path`` whole.
+    """Yield an empty temporary folder beside ``path``; on success it takes the place of ``path``.
 
-    A leftover temporary folder of a killed earlier write is removed first; on
-    an error the temporary folder is removed and ``path`` is left as it was.
+    A folder cannot be renamed over a non-empty one, so the old ``path`` is
+    first renamed aside (``.NAME.old``), the new folder renamed to ``path``,
+    and the old one removed: ``path`` is missing only between two renames,
+    never while files are copied or deleted. Leftovers of a killed earlier
+    write are removed first; on an error the temporary folder is removed and
+    ``path`` is left as it was.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
+    tmp, old = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    elif path.exists() or path.is_symlink():
-        path.unlink()
+    if path.exists() or path.is_symlink():
+        os.replace(path, old)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink(missing_ok=True)

@@ -66,3 +66,17 @@ def test_atomic_dir_error_leaves_the_old_folder(tmp_path):
             raise RuntimeError("killed")
     assert [p.name for p in out.iterdir()] == ["program.json"]
     assert sorted(os.listdir(tmp_path)) == ["v1"]
+
+
+def test_atomic_dir_replaces_a_file_or_a_link_and_clears_old_leftovers(tmp_path):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep").write_text("kept")
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    (tmp_path / ".link.old").mkdir()  # left by a write killed between its two renames
+    with atomic_dir(link) as tmp:
+        (tmp / "new").write_text("new")
+    assert link.is_dir() and not link.is_symlink() and [p.name for p in link.iterdir()] == ["new"]
+    assert (target / "keep").read_text() == "kept"  # the link is replaced, not what it pointed at
+    assert sorted(os.listdir(tmp_path)) == ["elsewhere", "link"]
