@@ -23,12 +23,15 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from tandem.fileio import atomic_dir
 from tandem.lm.hardware import cpu_has_native_bf16
 from tandem.train.adapter import write_meta
 from tandem.train.sft import SFTExample, TokenizedExample, tokenize_examples
+
+if TYPE_CHECKING:
+    from tandem.train.ranks import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,16 @@ class LoRAConfig:
     # None: "eager" on CPU while its attention matrices fit in EAGER_ATTENTION_BYTES
     # (torch's fused CPU attention has a slow backward; docs/training.md), otherwise "sdpa".
     attention: str | None = None
+    # Training processes on one machine (data parallel, DDP); above 1, train_lora starts them
+    # with torchrun. batch_size stays the global batch, split over them (tandem.train.launch).
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise ValueError(f"[lora] processes must be a whole number >= 1, not {self.processes!r}")
+        if self.processes > self.batch_size:
+            raise ValueError(f"[lora] processes = {self.processes} is more than batch_size = {self.batch_size}: "
+                             "each process takes part of every batch; raise batch_size or lower processes")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -107,6 +120,12 @@ class TrainResult:
         d = asdict(self)
         d["adapter_dir"] = str(self.adapter_dir)
         return d
+
+    @classmethod
+    def from_training(cls, adapter_dir: Path, training: dict) -> "TrainResult":
+        """The result a training summary (``tandem_adapter.json``'s ``training``) records."""
+        known = {f for f in cls.__dataclass_fields__ if f != "adapter_dir"}
+        return cls(adapter_dir=Path(adapter_dir), **{k: v for k, v in training.items() if k in known})
 
 
 def bf16_supported(device: str) -> bool:
@@ -200,12 +219,19 @@ def train_lora(
     progress: Callable[[int, int, float], None] | None = None,
     *,
     overwrite: bool = False,
+    ranks: Ranks | None = None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``examples`` and save it as a PEFT folder in ``out_dir``.
 
     ``progress(step, total_steps, loss)`` is called after every optimizer
     step. Raises NothingToTrain when no example is usable, FileExistsError
     when ``out_dir`` holds files (unless ``overwrite``).
+
+    With ``config.processes > 1`` (and no ``ranks``), training runs in that
+    many processes started by torchrun (``tandem.train.launch``), and this
+    returns what they saved. ``ranks`` (``tandem.train.ranks.join``) makes
+    this call one rank of such a group: it trains its share of every global
+    batch under DDP; rank 0 reports progress and writes the adapter.
     """
     import torch
     from transformers import AutoConfig, AutoTokenizer
@@ -216,7 +242,7 @@ def train_lora(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} already holds files; pick a new directory or pass overwrite=True")
 
-    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = ranks.device if ranks else config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     use_bf16 = bf16_supported(device) if config.bf16 is None else config.bf16
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     data, n_dropped = tokenize_examples(tokenizer, examples, config.max_length)
@@ -225,6 +251,12 @@ def train_lora(
             f"all {len(examples)} SFT examples are longer than max_length={config.max_length} tokens"
         )
     pad_id = padding_id(tokenizer)
+    if ranks is None and config.processes > 1:
+        from tandem.train.launch import launch
+
+        return TrainResult.from_training(out_dir, launch(model_dir, examples, config, out_dir, progress,
+                                                                 overwrite=overwrite))
+    main = ranks is None or ranks.is_main
 
     attention = pick_attention(config, device, AutoConfig.from_pretrained(model_dir), max(map(len, data)))
     base, model = load_trainable(model_dir, config, device=device, bf16=use_bf16, attention=attention)
@@ -235,7 +267,8 @@ def train_lora(
     total_steps = steps_per_epoch * config.epochs
     warmup = max(1, round(config.warmup_ratio * total_steps)) if config.warmup_ratio > 0 else 0
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    log.info(
+    net = ranks.wrap(base) if ranks else None
+    (log.info if main else log.debug)(
         "LoRA r=%d on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s attention, %s trainable params",
         config.rank, model_dir.name, len(data), n_dropped, total_steps, config.learning_rate,
         "bf16" if use_bf16 else "fp32", attention, f"{trainable:,}",
@@ -250,19 +283,21 @@ def train_lora(
     for _epoch in range(config.epochs):
         for batch in _batches(data, config.batch_size, rng):
             rows = [data[i] for i in batch]
-            ids, attn, target = collate_batch(rows, pad_id, device)
             with torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16, enabled=use_bf16):
-                loss = completion_loss(causal_lm, ids, attn, target)
+                if ranks is None:
+                    loss = completion_loss(causal_lm, *collate_batch(rows, pad_id, device))
+                else:
+                    loss, value = ranks.batch_loss(net, rows, pad_id)
             loss.backward()
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(loss.item() if ranks is None else value)
             completion_tokens += sum(r.n_completion for r in rows)
             total_tokens += sum(len(r) for r in rows)
-            if progress is not None:
+            if progress is not None and main:
                 progress(len(losses), total_steps, losses[-1])
             log.debug("step %d/%d loss %.4f", len(losses), total_steps, losses[-1])
     wall = time.perf_counter() - start
@@ -278,8 +313,11 @@ def train_lora(
     training = result.to_dict()
     training.pop("adapter_dir")
     training["final_loss"] = result.losses[-1]
-    save_trained(model, model_dir, out_dir, config, training)
-    log.info("trained %d steps in %.1fs (%.0f tokens/s), loss %.3f -> %.3f; saved %s",
+    if main:
+        save_trained(model, model_dir, out_dir, config, training)
+    if ranks:
+        ranks.barrier()  # every rank returns once the adapter is on disk
+    (log.info if main else log.debug)("trained %d steps in %.1fs (%.0f tokens/s), loss %.3f -> %.3f; saved %s",
              result.steps, wall, result.tokens_per_s, losses[0], losses[-1], out_dir)
     return result
 
