@@ -223,3 +223,29 @@ def test_without_all_reduce_the_comparison_fails(tiny_model_dir, examples, singl
     found = differences(single.adapter_dir, tmp_path / "a")
     assert any(f.startswith("weights differ") for f in found), found
     assert any(f.startswith("step 9:") for f in found), found
+
+
+@pytest.mark.slow
+def test_the_weight_step_trains_across_processes_with_lora_processes(tiny_model_dir, tmp_path):
+    """``[lora] processes = 2`` through BootstrapFinetune: torchrun is started, the adapter is served."""
+    from fakes import Mod3, data
+
+    from tandem.lm.hf import HFLM
+    from tandem.optimize import BootstrapFinetune
+
+    def any_reply(ex, pred, trace=None):  # the tiny model is random: every trace passes
+        return True
+
+    prog = Mod3().set_lm(HFLM(tiny_model_dir, cache=False))
+    config = replace(CONFIG, epochs=1, batch_size=2, processes=2)
+    step = BootstrapFinetune(any_reply, config=config, attempts=1, hint_attempts=0, num_threads=4)
+    seen = []
+    res = step.compile(prog, trainset=data(4), valset=data(2), seed=0, out_dir=tmp_path,
+                       progress=lambda what, done, total: seen.append((what, done, total)))
+    (rec,) = res.history
+    assert rec.status == "ok", rec.detail
+    assert ("training", 2, 2) in seen  # rank 0's step lines reached the progress callback
+    lm = res.program.solve.lm
+    assert isinstance(lm, HFLM) and lm.adapter == tmp_path / "adapter"
+    assert load_adapter_meta(lm.adapter)["config"]["processes"] == 2
+    assert res.program.solve(x="4").y is not None  # the program runs on the new weights

@@ -110,6 +110,9 @@ class Policy:
     def __init__(self, model_dir: str | os.PathLike, lora: LoRAConfig = LoRAConfig(), *, learning_rate: float = 1e-4,
                  clip_epsilon: float = 0.2, beta: float = 0.0, updates: int = 1, micro_batch: int = 8,
                  adapter: str | os.PathLike | None = None) -> None:
+        if lora.processes > 1:
+            log.warning("[lora] processes = %d: only the weight step trains across processes; "
+                        "the RL step trains in this one", lora.processes)
         self.model_dir = Path(model_dir)
         self.lora = lora
         self.learning_rate = learning_rate
