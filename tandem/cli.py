@@ -25,7 +25,8 @@ from contextlib import contextmanager
 
 from rich.markup import escape
 
-from tandem import __version__
+from tandem import __version__, quiet
+from tandem.interrupts import Interrupted, on_signals, shield_children
 from tandem.cli_output import (chosen_text, console, error, note, paired_text, progress, result_table, steps_table,
                                stdout)
 
@@ -53,14 +54,6 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
-
-
-def _quiet_engines() -> None:
-    import os
-
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -358,33 +351,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _exit_on_sigterm() -> None:
-    """SIGTERM unwinds like Ctrl-C, so engines shut down instead of leaving orphan processes."""
-    import signal
-
-    def handler(signum, frame):  # noqa: ARG001
+def _exit_on_signals() -> None:
+    """Ctrl-C and SIGTERM stop the command: engines stopped and calls in flight failed, then
+    ``Interrupted`` unwinds the main thread (``main`` prints one line). Engine processes never see
+    Ctrl-C themselves (``tandem.interrupts``)."""
+    def stop() -> None:
         engines = sys.modules.get("tandem.lm.vllm")
         if engines is not None:  # fail calls in flight, so worker threads don't run on to the end
             engines.abort()
-        raise SystemExit(128 + signum)
 
-    try:
-        signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread (tests)
-        pass
+    shield_children()
+    on_signals(stop)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _exit_on_sigterm()
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        _quiet_engines()
+    _exit_on_signals()
+    logging.basicConfig(level=quiet.for_command(args.verbose), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
         error(exc)
         return 2
+    except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C or SIGTERM
+        console.print("interrupted", soft_wrap=True)
+        return exc.exit_code if isinstance(exc, Interrupted) else 130
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def _env_defaults(lvl: str | None) -> dict[str, str]:
         "HF_HUB_DISABLE_PROGRESS_BARS": "" if lvl else "1",
         "TORCH_CPP_LOG_LEVEL": "ERROR" if lvl in (None, "error") else "WARNING" if lvl == "warning" else "INFO",
         "TOKENIZERS_PARALLELISM": "false",
+        "VLLM_LOGGING_STREAM": "ext://sys.stderr",  # vLLM logs to stdout by default, among the results
     }
 
 

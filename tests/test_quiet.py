@@ -22,10 +22,12 @@ def shown(module):
 
 print(json.dumps({
     "env": {k: os.environ.get(k) for k in ("VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL",
-                                           "PYTHONWARNINGS", "TRANSFORMERS_NO_ADVISORY_WARNINGS")},
+                                           "PYTHONWARNINGS", "TRANSFORMERS_NO_ADVISORY_WARNINGS",
+                                           "VLLM_LOGGING_STREAM")},
     "vllm": logging.getLogger("vllm").level, "transformers": logging.getLogger("transformers").level,
     "tandem": logging.getLogger("tandem").level,
     "vllm_warning": shown("vllm.triton_utils.dispatcher"), "user_warning": shown("myscript"),
+    "bars": quiet.progress_bars(),
 }))
 """
 
@@ -33,7 +35,8 @@ print(json.dumps({
 def _clean_env(**extra: str) -> dict:
     env = {k: v for k, v in os.environ.items()
            if k not in ("TANDEM_LOG", "VLLM_LOGGING_LEVEL", "TRANSFORMERS_VERBOSITY", "TORCH_CPP_LOG_LEVEL",
-                        "PYTHONWARNINGS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "HF_HUB_VERBOSITY")}
+                        "PYTHONWARNINGS", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "HF_HUB_VERBOSITY",
+                        "VLLM_LOGGING_STREAM")}
     env.update(extra)
     return env
 
@@ -54,11 +57,13 @@ def test_import_quiets_the_libraries():
     assert r["env"]["VLLM_LOGGING_LEVEL"] == "ERROR"
     assert r["env"]["TRANSFORMERS_VERBOSITY"] == "error"
     assert r["env"]["TORCH_CPP_LOG_LEVEL"] == "ERROR"  # torch's C++ warnings (NUMA binding)
+    assert r["env"]["VLLM_LOGGING_STREAM"] == "ext://sys.stderr"
     assert r["env"]["PYTHONWARNINGS"] == "ignore::UserWarning:multiprocessing.resource_tracker"
     assert r["vllm"] == r["transformers"] == 40  # ERROR
     assert r["tandem"] == 30  # tandem's own warnings still show
     assert r["vllm_warning"] == 0
     assert r["user_warning"] == 1, "the user's own warnings are not tandem's to hide"
+    assert r["bars"] is False
 
 
 def test_tandem_log_shows_the_libraries():
@@ -68,6 +73,7 @@ def test_tandem_log_shows_the_libraries():
     assert r["env"]["PYTHONWARNINGS"] is None
     assert r["vllm"] == r["tandem"] == 20
     assert r["vllm_warning"] == 1
+    assert r["bars"] is True
 
 
 def test_user_settings_win():
