@@ -7,9 +7,10 @@ engine's worker processes. ``configure()`` runs when ``tandem`` is imported,
 before any of them is, so their loggers, their environment settings and the
 warning filters take effect in this process and in every child process:
 
-- **quiet** (the default, ``TANDEM_LOG`` unset): tandem's own warnings and
-  the libraries' errors are shown; the libraries' INFO and WARNING lines,
-  their Python warnings and torch's C++ warnings are not.
+- **quiet** (the default, ``TANDEM_LOG`` unset): the libraries' errors are
+  shown; their INFO and WARNING lines, their Python warnings and torch's C++
+  warnings are not. tandem's own logger follows the program's logging setup
+  (Python's default, and the ``tandem`` command, show its warnings).
 - ``TANDEM_LOG=debug|info|warning|error``: every logger, tandem's and the
   libraries', at that level, and the libraries' Python warnings shown
   (Python's own filters apply). ``tandem -v`` is ``TANDEM_LOG=info``.
@@ -130,7 +131,8 @@ def _apply(lvl: str | None) -> None:
     _tracker_warnings(lvl is None)
     for name in LIBRARIES:
         logging.getLogger(name).setLevel(_library_level(lvl))
-    logging.getLogger("tandem").setLevel(logging.WARNING if lvl is None else getattr(logging, lvl.upper()))
+    # Quiet leaves tandem's own logger to the program's logging setup (the command shows WARNING).
+    logging.getLogger("tandem").setLevel(logging.NOTSET if lvl is None else getattr(logging, lvl.upper()))
     # The newest filter comes first and wins over the one an earlier call added.
     warnings.filterwarnings("ignore" if lvl is None else "default", module=_WARNING_MODULES)
     try:  # transformers caches its verbosity when imported: tell it directly
