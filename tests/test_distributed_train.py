@@ -165,6 +165,22 @@ def test_launcher_passes_steps_on_and_reports_a_failure(tmp_path, monkeypatch):
     assert seen == [(1, 2, 3.5), (2, 2, 2.25)]
 
 
+def test_an_interrupted_launch_stops_the_processes(tmp_path, monkeypatch):
+    import time
+
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text('import time\nprint("step 1/2 loss 3.5", flush=True)\ntime.sleep(120)\n')
+    monkeypatch.setattr(launch_module, "torchrun_command", lambda n, args: [sys.executable, str(script)])
+
+    def interrupt(step, total, loss):
+        raise KeyboardInterrupt
+
+    start = time.perf_counter()
+    with pytest.raises(KeyboardInterrupt):
+        launch(tmp_path, [SFTExample("p", "c")], replace(CONFIG, processes=2), tmp_path / "out", interrupt)
+    assert time.perf_counter() - start < 60  # terminated and waited for, not left to sleep
+
+
 def test_one_rank_under_ddp_gives_the_single_process_adapter(tiny_model_dir, examples, single, tmp_path,
                                                              monkeypatch):
     """The DDP code path in this process (a gloo group of 1): the loss scaling is exact."""

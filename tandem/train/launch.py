@@ -79,13 +79,17 @@ def launch(model_dir: Path, examples: Sequence[SFTExample], config, out_dir: Pat
         proc = subprocess.Popen(torchrun_command(config.processes, args), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, env=child_env(config.processes))
         with proc:
-            for line in proc.stdout:
-                line = line.rstrip("\n")
-                step = STEP_LINE.match(line)
-                if step and progress is not None:
-                    progress(int(step[1]), int(step[2]), float(step[3]))
-                elif not step:
-                    tail.append(line)
+            try:
+                for line in proc.stdout:
+                    line = line.rstrip("\n")
+                    step = STEP_LINE.match(line)
+                    if step and progress is not None:
+                        progress(int(step[1]), int(step[2]), float(step[3]))
+                    elif not step:
+                        tail.append(line)
+            except BaseException:  # interrupted here: torchrun passes the SIGTERM on to its trainers
+                proc.terminate()
+                raise
         if proc.returncode:
             shown = "\n".join(tail)
             raise LaunchFailed(f"LoRA training in {config.processes} processes (torchrun) failed with exit code "
