@@ -53,7 +53,7 @@ def main() -> int:
     lms = {}
     for name, options in SETTINGS.items():
         t0 = time.perf_counter()
-        lms[name] = VLLM("smollm2-135m", cache=False, **options)
+        lms[name] = VLLM("smollm2-135m", **options)
         lms[name].start()
         print(f"engine, chunked prefill {name}, ready in {time.perf_counter() - t0:.1f} s", flush=True)
 

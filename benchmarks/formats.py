@@ -54,7 +54,7 @@ def main() -> int:
     from tandem.tasks.registry import get_task
 
     formats = args.formats.split(",") if args.formats else list(FORMATS)
-    lm = VLLM("smollm2-135m", cache=False)
+    lm = VLLM("smollm2-135m")
     lm.start()
     rows, summary = [], []
     for task_name in args.tasks.split(","):

@@ -254,7 +254,7 @@ class Worker:
             from tandem.lm.vllm import VLLM
 
             self.info["vllm_version"] = vllm.__version__
-            self.lm = VLLM(args.model, cache=False, kv_cache_gb=args.kv_cache_gb)
+            self.lm = VLLM(args.model, kv_cache_gb=args.kv_cache_gb)
             self.lm.start()
             self.info["env"] = {k: v for k, v in sorted(os.environ.items()) if k.startswith("VLLM_CPU_")}
             self.info["options"] = dict(self.lm.options)
@@ -273,7 +273,7 @@ class Worker:
 
             if args.hf_threads:
                 torch.set_num_threads(args.hf_threads)
-            self.lm = HFLM(args.model, batch_size=args.hf_batch_size, dtype=args.hf_dtype, cache=False)
+            self.lm = HFLM(args.model, batch_size=args.hf_batch_size, dtype=args.hf_dtype)
             self.info.update(dtype=self.lm.dtype, batch_size=self.lm.batch_size, torch_threads=torch.get_num_threads())
         self.info["startup_s"] = time.perf_counter() - t0
         self.prompts = Prompts(self.lm, args.max_tokens)

@@ -69,7 +69,7 @@ def main() -> int:
     assert WAYS["Not given for this example."] == NOT_GIVEN
     data = iris_rows()
     held_out = examples(data["prompt_val"] + data["dev"])
-    lm = VLLM("smollm2-135m", cache=False)
+    lm = VLLM("smollm2-135m")
     lm.start()
     real_complete = render.complete_demo
     rows = []

@@ -83,7 +83,7 @@ def main() -> int:
     lms = {}
     for b in blocks:
         t0 = time.perf_counter()
-        lms[b] = VLLM("smollm2-135m", cache=False, block_size=b)
+        lms[b] = VLLM("smollm2-135m", block_size=b)
         lms[b].start()
         print(f"engine with {b}-token blocks ready in {time.perf_counter() - t0:.1f} s", flush=True)
 

@@ -100,7 +100,7 @@ def main() -> int:
 
     data = iris_rows()
     train, val = examples(data["prompt_train"]), examples(data["prompt_val"])
-    lm = VLLM("smollm2-135m", cache=False)
+    lm = VLLM("smollm2-135m")
     t0 = time.perf_counter()
     lm.start()
     print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)

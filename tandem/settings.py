@@ -12,16 +12,13 @@ module-level object that holds state and is not in this list):
   ``tandem_home()`` (``default_cache()``; ``TANDEM_CACHE=0``, read at each
   call, turns it off).
 - ``tandem.lm.registry._BACKENDS``: backends added with ``register_backend``.
-- ``tandem.lm.vllm._engines``: the running vLLM engines, one per checkpoint,
-  shared by every ``VLLM`` object that points at it;
-  ``tandem.lm.vllm._stats``: what each engine this process started did
-  (``engine_stats()``); ``tandem.lm.vllm._aborted``: set once SIGTERM has
-  stopped the engines.
-- ``tandem.lm.vllm.MAX_ENGINES`` and ``tandem.lm.vllm.RELOAD_WEIGHTS``: read from
-  ``TANDEM_MAX_ENGINES`` and ``TANDEM_RELOAD_WEIGHTS`` when ``tandem.lm.vllm``
-  is imported.
-- ``tandem.lm.hf._bases``: loaded transformers models, one per checkpoint and
-  dtype, kept while an ``HFLM`` uses it.
+- ``tandem.lm.vllm_pool.pool``: the running vLLM engines, one per checkpoint
+  and options, shared by every ``VLLM`` object that points at it, with the
+  groups that own each; what each engine this process started did
+  (``engine_stats()``); the flag that SIGTERM's ``abort()`` sets.
+- ``tandem.lm.hf_checkpoint._checkpoints``: transformers checkpoints (tokenizer,
+  and the model once loaded), one per folder and dtype, kept while an ``HFLM``
+  uses it.
 - ``tandem.serve_http._PROTOCOLS``: uvicorn's HTTP protocol classes with
   JSON error replies, made once per protocol.
 - ``tandem.experiments.table._OUTCOMES``: per-example test scores read from
@@ -37,10 +34,12 @@ module-level object that holds state and is not in this list):
   ``tandem.quiet._current`` the level it set them for.
 
 Read from the environment when used, not at import: ``TANDEM_HOME``,
-``TANDEM_CACHE``, ``TANDEM_DATA`` (where task data is looked for) and
-``OPENAI_API_KEY``. The CLI and the vLLM backend set defaults for the
-libraries' own variables (``VLLM_LOGGING_LEVEL`` and the like) with
-``os.environ.setdefault``, so a value the user set wins. Context variables
+``TANDEM_CACHE``, ``TANDEM_DATA`` (where task data is looked for),
+``OPENAI_API_KEY``, and for the vLLM engines ``TANDEM_MAX_ENGINES``,
+``TANDEM_RELOAD_WEIGHTS`` and ``TANDEM_ENGINE_START_TIMEOUT``. The CLI and
+the vLLM backend set defaults for the libraries' own variables
+(``VLLM_LOGGING_LEVEL`` and the like) with ``os.environ.setdefault``, so a
+value the user set wins. Context variables
 (the active trace, module calls, sampling and hint overrides) belong to one
 thread or context, not to the process.
 """
@@ -53,7 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from tandem.lm.base import LM
+    from tandem.lm.protocol import LM
 
 
 def tandem_home() -> Path:

@@ -32,7 +32,7 @@ def smollm_vllm():
     pytest.importorskip("vllm")
     from tandem.lm.vllm import VLLM, shutdown_engines
 
-    lm = VLLM("smollm2-135m", cache=False)
+    lm = VLLM("smollm2-135m")
     lm.start()
     yield lm
     shutdown_engines()

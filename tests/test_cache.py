@@ -1,45 +1,48 @@
-"""The SQLite call cache: hits, keys, concurrency, switch-off."""
+"""The SQLite call cache and the wrapper that puts any LM behind it: hits, keys, concurrency, switch-off."""
 
 from __future__ import annotations
 
 import threading
 
-from tandem.lm import FakeLM, Request, SamplingParams
+import pytest
+
+from tandem.lm import FakeLM, Request, SamplingParams, TrainableLM
 from tandem.lm.cache import CallCache, default_cache
+from tandem.lm.caching import CachedLM, with_cache
+from tandem.lm.registry import get_lm, register_backend
 
 
-def test_hits_skip_the_engine_and_keys_include_fingerprint(tmp_path):
+def test_hits_skip_the_backend_and_keys_include_fingerprint(tmp_path):
     cache = CallCache(tmp_path / "c.sqlite")
-    lm = FakeLM("hello")
-    lm.cache = cache
+    fake = FakeLM("hello")
+    lm = with_cache(fake, cache)
     a = lm.complete(Request("p1"))
     b = lm.complete(Request("p1"))
     assert not a.cached and b.cached and b.text == "hello"
-    assert len(lm.prompts) == 1
+    assert len(fake.prompts) == 1
     adapted = lm.with_adapter("ad1")
-    adapted.cache = cache
+    assert adapted.cache is cache and isinstance(adapted, TrainableLM)
     adapted.complete(Request("p1"))  # another fingerprint: a miss
-    assert len(adapted.prompts) == 1
+    assert len(adapted.inner.prompts) == 1
     lm.complete(Request("p1", SamplingParams(max_tokens=7)))  # other params: a miss
-    assert len(lm.prompts) == 2
-    assert lm.usage.cached_calls == 1
+    assert len(fake.prompts) == 2
+    assert lm.usage.cached_calls == 1 and lm.usage.calls == 3
 
 
 def test_sampling_without_seed_is_not_cached(tmp_path):
-    lm = FakeLM("x")
-    lm.cache = CallCache(tmp_path / "c.sqlite")
+    fake = FakeLM("x")
+    lm = with_cache(fake, CallCache(tmp_path / "c.sqlite"))
     for _ in range(2):
         lm.complete(Request("p", SamplingParams(temperature=0.7)))
-    assert len(lm.prompts) == 2
+    assert len(fake.prompts) == 2
     for _ in range(2):
         lm.complete(Request("p", SamplingParams(temperature=0.7, seed=3)))
-    assert len(lm.prompts) == 3
+    assert len(fake.prompts) == 3
 
 
 def test_concurrent_writers_and_a_second_process_view(tmp_path):
     path = tmp_path / "c.sqlite"
-    lm = FakeLM(lambda t: t.upper())
-    lm.cache = CallCache(path)
+    lm = with_cache(FakeLM(lambda t: t.upper()), CallCache(path))
     threads = [threading.Thread(target=lambda i=i: [lm.complete(Request(f"p{i}-{j}")) for j in range(20)]) for i in range(8)]
     for t in threads:
         t.start()
@@ -55,3 +58,32 @@ def test_switch_off(monkeypatch, tmp_path):
     assert default_cache() is None
     monkeypatch.setenv("TANDEM_CACHE", "1")
     assert default_cache().path == tmp_path / "calls.sqlite"
+
+
+def test_get_lm_wraps_every_backend_once_and_errors_are_not_cached(tmp_path, monkeypatch):
+    calls = []
+
+    def reply(text):
+        calls.append(text)
+        if "boom" in text:
+            raise RuntimeError("backend failed")
+        return "ok"
+
+    register_backend("cachetest", lambda model, **kw: FakeLM(reply, name=model))
+    lm = get_lm("cachetest:m", cache=CallCache(tmp_path / "c.sqlite"))
+    assert isinstance(lm, CachedLM) and isinstance(lm, TrainableLM) and lm.name == "m"
+    assert with_cache(lm, None).inner is lm.inner  # re-wrapped, not nested
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="backend failed"):
+            lm.complete(Request("boom"))
+    assert calls == ["boom", "boom"]  # a failure is asked again, never served from the cache
+    assert lm.complete(Request("fine")).text == lm.complete(Request("fine")).text == "ok"
+    assert calls.count("fine") == 1
+    monkeypatch.setenv("TANDEM_CACHE", "0")
+    assert get_lm("cachetest:m").cache is None and get_lm("cachetest:m", cache=False).cache is None
+
+
+def test_a_backend_without_the_protocol_is_refused():
+    register_backend("notanlm", lambda model, **kw: object())
+    with pytest.raises(TypeError, match="lacks the LM protocol"):
+        get_lm("notanlm:m")

@@ -7,7 +7,7 @@ import pytest
 from tandem import ChainOfThought, Example, Module
 from tandem.evaluate import MetricError, call_metric, evaluate
 from tandem.lm import FakeLM
-from tandem.lm.base import Completion, ContextLengthError, LM, Request
+from tandem.lm.base import BatchedLM, Completion, ContextLengthError, Request
 
 
 def _data(n):
@@ -51,13 +51,13 @@ def test_requests_reach_the_lm_concurrently():
     import time
 
     lm = FakeLM(lambda t: " ok\nY: 0")
-    orig = lm._generate
+    orig = lm.generate_batch
 
     def gen(reqs):
         time.sleep(0.05)  # an engine step: requests arriving meanwhile queue up
         return orig(reqs)
 
-    lm._generate = gen
+    lm.generate_batch = gen
     evaluate(Echo().set_lm(lm), _data(64), metric, num_threads=64)
     assert sum(lm.batches) == 64
     assert max(lm.batches) >= 16, lm.batches  # gathered into batches, not 64 calls in a row
@@ -86,16 +86,19 @@ def test_call_metric_accepts_two_argument_metrics_and_rejects_nan():
         call_metric(lambda e, p, t=None: float("nan"), ex, pred, None)
 
 
-class TooLong(LM):
+class TooLong(BatchedLM):
     context_length = 10
 
     def __init__(self):
-        super().__init__("toolong", cache=False)
+        super().__init__("toolong")
 
     def fingerprint(self):
         return "x"
 
-    def _generate(self, reqs: list[Request]):
+    def spec(self):
+        return {"backend": "toolong", "model": "toolong", "adapter": None}
+
+    def generate_batch(self, reqs: list[Request]):
         out = []
         for r in reqs:
             n = self.count_tokens(r.text)

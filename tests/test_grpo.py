@@ -133,7 +133,7 @@ def test_saved_adapter_is_a_tandem_adapter_and_loads_where_train_lora_adapters_d
     check_adapter_base(out, tiny_model_dir)
     assert meta["training"]["method"] == "grpo" and meta["training"]["updates"] == 4
     assert meta["config"]["rank"] == 8
-    lm = HFLM(tiny_model_dir, cache=False).with_adapter(out)  # the weight step's serving path
+    lm = HFLM(tiny_model_dir).with_adapter(out)  # the weight step's serving path
     assert lm.adapter == out and "+" in lm.fingerprint()
     # an RL step after a weight step starts from the adapter it finds (w -> r)
     again = Policy(tiny_model_dir, LoRAConfig(device="cpu", bf16=False), adapter=out)
@@ -285,7 +285,7 @@ def test_rl_step_end_to_end_on_the_tiny_model(tiny_model_dir, tmp_path):
     def length_metric(ex, pred, trace=None):  # partial credit that varies between samples
         return (len(pred.reasoning) + len(pred.y)) % 7 / 6
 
-    prog = Mod3().set_lm(HFLM(tiny_model_dir, cache=False))
+    prog = Mod3().set_lm(HFLM(tiny_model_dir))
     settings = GRPOSettings(steps=2, batch_size=2, rollouts=3, max_tokens=6, temperature=1.0, micro_batch=4,
                             lora=LoRAConfig(rank=4, alpha=8, device="cpu", bf16=False))
     res = GRPO(length_metric, settings).compile(prog, trainset=data(4), valset=data(1), seed=0, out_dir=tmp_path)

@@ -52,7 +52,7 @@ def tiny_settings() -> GRPOSettings:
 def tiny_run(model_dir, out_dir, progress=None):
     from tandem.lm.hf import HFLM
 
-    prog = Mod3().set_lm(HFLM(model_dir, cache=False))
+    prog = Mod3().set_lm(HFLM(model_dir))
     return GRPO(length_metric, tiny_settings()).compile(prog, trainset=data(4), seed=0, out_dir=out_dir,
                                                         progress=progress)
 

@@ -11,16 +11,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from tandem.lm.base import ContextLengthError, LMError, Prompt, Request, SamplingParams, render_completion_text  # noqa: E402
 from tandem.lm.cache import CallCache  # noqa: E402
+from tandem.lm.caching import with_cache  # noqa: E402
+from tandem.lm.chat import render_completion_text  # noqa: E402
 from tandem.lm.hf import HFLM  # noqa: E402
+from tandem.lm.protocol import ContextLengthError, LMError, Prompt, Request, SamplingParams  # noqa: E402
 
 PROMPT = Prompt((("system", "Answer briefly."), ("user", "Question: what is two plus two?")), prefix="Answer:")
 
 
 @pytest.fixture(scope="module")
 def lm(tiny_model_dir):
-    return HFLM(tiny_model_dir, cache=False)
+    return HFLM(tiny_model_dir)
 
 
 def req(lm, extra: str = "", **params) -> Request:
@@ -30,7 +32,7 @@ def req(lm, extra: str = "", **params) -> Request:
 
 def test_chat_template_applied(lm):
     text = lm.render(PROMPT)
-    tok = lm._base.tokenizer
+    tok = lm.checkpoint.chat.tokenizer
     msgs = [{"role": r, "content": c} for r, c in PROMPT.messages]
     assert text == tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + "Answer:"
     assert text.startswith("<|im_start|>system\nAnswer briefly.<|im_end|>\n")
@@ -44,8 +46,8 @@ def test_base_model_gets_completion_text(tiny_model_dir, tmp_path):
     plain = tmp_path / "plain"
     shutil.copytree(tiny_model_dir, plain)
     (plain / "tandem.json").write_text(json.dumps({"name": "plain", "chat": False}))
-    base = HFLM(plain, cache=False)
-    assert base.chat_template(PROMPT) is None
+    base = HFLM(plain)
+    assert base.checkpoint.chat.chat_template(PROMPT) is None
     assert base.render(PROMPT) == render_completion_text(PROMPT)
     c = base.complete(Request(base.render(PROMPT), SamplingParams(max_tokens=4)))
     assert c.output_tokens == 4
@@ -63,8 +65,8 @@ def test_batch_matches_single(lm, tiny_model_dir):
     reqs = [req(lm, " x" * i, max_tokens=10) for i in range(4)]
     reqs += [req(lm, " y" * i, max_tokens=10, temperature=1.0, seed=i) for i in range(4)]
     batched = lm.generate(reqs)  # the dispatcher hands them over together
-    single = HFLM(tiny_model_dir, batch_size=1, cache=False)
-    assert single._base is lm._base  # one loaded model per checkpoint and dtype
+    single = HFLM(tiny_model_dir, batch_size=1)
+    assert single.checkpoint is lm.checkpoint  # one loaded model per checkpoint and dtype
     alone = [single.complete(r) for r in reqs]
     assert [c.text for c in batched] == [c.text for c in alone]
     assert [c.output_tokens for c in batched] == [c.output_tokens for c in alone]
@@ -96,11 +98,12 @@ def test_stop_strings(lm):
 
 
 def test_eos_stops(lm):
-    from tandem.lm.hf import _Row
+    from tandem.lm.hf import Row
 
-    eos = next(iter(lm._base.eos_ids))
-    row = _Row([1, 2, 3], max_new=10, temperature=0.0, stop=(), generator=None, out=[])
-    assert lm._advance(row, eos)
+    lm.start()
+    eos = next(iter(lm.checkpoint.eos_ids))
+    row = Row([1, 2, 3], max_new=10, temperature=0.0, stop=(), generator=None, out=[])
+    assert lm.advance(row, eos)
     assert row.finish == "stop" and row.text == "" and len(row.out) == 1
 
 
@@ -109,13 +112,13 @@ def test_token_counts(lm):
     c = lm.complete(r)
     assert c.prompt_tokens == len(lm.tokenize(r.text)) == lm.count_tokens(r.text)
     assert c.output_tokens == 5
-    before = lm.usage.output_tokens
-    lm.complete(req(lm, max_tokens=3))
-    assert lm.usage.output_tokens == before + 3
+    counted = with_cache(lm, None)
+    counted.complete(req(lm, max_tokens=3))
+    assert counted.usage.output_tokens == 3 and counted.usage.calls == 1
 
 
 def test_context_length(tiny_model_dir):
-    lm = HFLM(tiny_model_dir, cache=False)
+    lm = HFLM(tiny_model_dir)
     lm.context_length = 60  # per object; the shared model is untouched
     short = req(lm, max_tokens=50)
     n = len(lm.tokenize(short.text))
@@ -141,14 +144,14 @@ def test_context_length(tiny_model_dir):
     assert isinstance(results[1], ContextLengthError)
     assert results[0].output_tokens == results[2].output_tokens == 60 - n
     assert results[0].finish_reason == "length"
-    # A batch that reaches _generate directly fails as a whole (the base class
-    # then retries its requests one by one).
+    # A batch that reaches generate_batch directly fails as a whole (the
+    # dispatcher then runs its requests one by one).
     with pytest.raises(ContextLengthError):
-        lm._generate([short, too_long])
+        lm.generate_batch([short, too_long])
 
 
 def test_call_cache(tiny_model_dir, tmp_path):
-    lm = HFLM(tiny_model_dir, cache=CallCache(tmp_path / "calls.sqlite"))
+    lm = with_cache(HFLM(tiny_model_dir), CallCache(tmp_path / "calls.sqlite"))
     r = req(lm, max_tokens=6)
     a, b = lm.complete(r), lm.complete(r)
     assert not a.cached and b.cached and a.text == b.text
@@ -178,9 +181,9 @@ def test_with_adapter(lm, tiny_model_dir, adapter_dir):
     r = req(lm, max_tokens=8, temperature=1.0, seed=1)
     base_text = lm.complete(r).text
     tuned = lm.with_adapter(adapter_dir)
-    assert tuned._base is lm._base
+    assert tuned.checkpoint is lm.checkpoint
     assert tuned.fingerprint() != lm.fingerprint() and tuned.fingerprint().startswith(lm.fingerprint())
-    assert HFLM(tiny_model_dir, adapter=str(adapter_dir), cache=False).fingerprint() == tuned.fingerprint()
+    assert HFLM(tiny_model_dir, adapter=str(adapter_dir)).fingerprint() == tuned.fingerprint()
     tuned_text = tuned.complete(r).text
     assert tuned_text != base_text
     assert lm.complete(r).text == base_text  # the base LM still runs without the adapter
@@ -191,7 +194,7 @@ def test_with_adapter(lm, tiny_model_dir, adapter_dir):
     ids = torch.tensor([lm.tokenize(g.text)])
     with torch.inference_mode():
         out = ref.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    expect = lm._base.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    expect = lm.checkpoint.chat.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     assert tuned.complete(g).text == expect
 
     tuned.close()
@@ -201,7 +204,7 @@ def test_with_adapter(lm, tiny_model_dir, adapter_dir):
 
 
 def test_adapter_for_other_base_refused(lm, adapter_dir, tmp_path):
-    from tandem.train.adapter import AdapterMismatch
+    from tandem.lm.identity import AdapterMismatch
 
     other = tmp_path / "other"
     shutil.copytree(adapter_dir, other)

@@ -16,6 +16,7 @@ from tandem.evaluate import evaluate
 from tandem.lm import LMError, Prompt, Request, SamplingParams
 from tandem.lm.base import ContextLengthError
 from tandem.lm.cache import CallCache
+from tandem.lm.caching import with_cache
 from tandem.lm.openai import AdapterNotServed, OpenAILM, RequestRejected, ServerUnavailable
 from tandem.lm.registry import get_lm
 
@@ -139,7 +140,6 @@ def server():
 
 def _lm(server, **kw):
     kw.setdefault("backoff", 0.01)
-    kw.setdefault("cache", False)
     return OpenAILM("served-model", base_url=server.url, **kw)
 
 
@@ -290,7 +290,7 @@ def _free_port() -> int:
 
 def test_dead_server_is_a_clear_error_after_retries():
     url = f"http://127.0.0.1:{_free_port()}/v1"
-    lm = OpenAILM("m", base_url=url, endpoint="completions", max_retries=2, backoff=0.01, cache=False)
+    lm = OpenAILM("m", base_url=url, endpoint="completions", max_retries=2, backoff=0.01)
     with pytest.raises(ServerUnavailable) as info:
         lm.complete(Request("hello"))
     msg = str(info.value)
@@ -324,7 +324,7 @@ def test_evaluate_counts_server_failures_without_crashing(server):
 
 
 def test_evaluate_against_a_dead_server_counts_every_example():
-    lm = OpenAILM("m", base_url=f"http://127.0.0.1:{_free_port()}/v1", max_retries=1, backoff=0.01, cache=False)
+    lm = OpenAILM("m", base_url=f"http://127.0.0.1:{_free_port()}/v1", max_retries=1, backoff=0.01)
     data = [Example(petal_length=str(i), species="setosa").with_inputs("petal_length") for i in range(4)]
     result = evaluate(Iris().set_lm(lm), data, lambda ex, pred: 1.0, num_threads=4)
     assert result.failures == {"lm": 4} and result.score == 0
@@ -332,7 +332,7 @@ def test_evaluate_against_a_dead_server_counts_every_example():
 
 
 def test_call_cache_hits_skip_the_server(server, tmp_path):
-    lm = _lm(server, endpoint="completions", cache=CallCache(tmp_path / "calls.sqlite"))
+    lm = with_cache(_lm(server, endpoint="completions"), CallCache(tmp_path / "calls.sqlite"))
     a = lm.complete(Request("hello"))
     b = lm.complete(Request("hello"))
     assert not a.cached and b.cached and a.text == b.text
@@ -341,13 +341,13 @@ def test_call_cache_hits_skip_the_server(server, tmp_path):
     lm.complete(Request("hello", SamplingParams(temperature=0.7)))
     assert len(server.posts()) == 3
     # another model name on the same server is another cache entry
-    other = OpenAILM("other", base_url=server.url, endpoint="completions", cache=lm.cache)
+    other = with_cache(OpenAILM("other", base_url=server.url, endpoint="completions"), lm.cache)
     assert other.fingerprint() != lm.fingerprint()
 
 
 def test_identity_spec_and_registry(server):
     lm = get_lm("openai:served-model", base_url=server.url + "/", cache=False)
-    assert isinstance(lm, OpenAILM) and lm.base_url == server.url
+    assert isinstance(lm.inner, OpenAILM) and lm.base_url == server.url
     assert lm.spec() == {"backend": "openai", "model": "served-model", "base_url": server.url,
                          "adapter": None, "endpoint": "chat", "local_model": None}
     assert lm.fingerprint() == f"openai:{server.url}:served-model:chat"
@@ -464,7 +464,7 @@ def test_saved_program_reloads_with_its_server_and_adapter(server, tmp_path):
     prog.save(tmp_path / "saved")
     again = load_program(tmp_path / "saved", program=Solve())
     lm = again.solve.lm
-    assert isinstance(lm, OpenAILM) and lm.base_url == server.url and lm.endpoint == "completions"
+    assert isinstance(lm.inner, OpenAILM) and lm.base_url == server.url and lm.endpoint == "completions"
     assert lm.base_model == "served-model" and lm.adapter == (tmp_path / "saved" / "adapters" / "adapter").resolve()
     assert lm.model == tuned.model  # the same adapter bytes: the same served name
     other = load_program(tmp_path / "saved", program=Solve(), lm_options={"base_url": "http://127.0.0.1:9/v1"})

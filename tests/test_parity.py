@@ -79,12 +79,12 @@ def outputs():
     from tandem.lm.vllm import VLLM
 
     # One padded batch of all 28 (HF at batch 8 runs four loops, slower here).
-    hf = HFLM("smollm2-135m", dtype="float32", cache=False, batch_size=32)
+    hf = HFLM("smollm2-135m", dtype="float32", batch_size=32)
     reqs = iris_requests(hf)
     hf_out = hf.generate(reqs)
     # The slow tests' shared engine where this CPU runs float32 anyway (the same
     # options): left running for the tests after this file.
-    vl = VLLM("smollm2-135m", dtype="float32", cache=False)
+    vl = VLLM("smollm2-135m", dtype="float32")
     assert [r.text for r in iris_requests(vl)] == [r.text for r in reqs]  # same rendering
     assert [vl.tokenize(r.text) for r in reqs] == [hf.tokenize(r.text) for r in reqs]
     return reqs, hf_out, vl.generate(reqs)

@@ -68,10 +68,10 @@ def test_abort_refuses_new_engine_calls(tiny_model_dir):
     from tandem.lm.base import LMError
     from tandem.lm import vllm as vllm_backend
 
-    lm = vllm_backend.VLLM(tiny_model_dir, cache=False)
+    lm = vllm_backend.VLLM(tiny_model_dir)
     vllm_backend.abort()
     try:
         with pytest.raises(LMError, match="shutting down"):
             lm.engine()
     finally:
-        vllm_backend._aborted.clear()
+        vllm_backend.pool.aborted.clear()

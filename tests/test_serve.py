@@ -392,7 +392,8 @@ def test_serving_a_saved_run(tmp_path, fake_backend):
 
     loaded, program_dir, name = load_for_serving(tmp_path / "runs" / "iris-p-s0", {"base_url": "http://x"})
     assert program_dir == tmp_path / "runs" / "iris-p-s0" / "final" and name == "iris-p-s0"
-    assert fake_backend == [{"model": "tiny", "cache": False, "base_url": "http://x"}]  # cache off by default
+    assert fake_backend == [{"model": "tiny", "base_url": "http://x"}]
+    assert loaded.classify.lm.cache is None  # get_lm's call cache is off by default
     with running(create_app(loaded, name=name)) as url:
         health = httpx.get(f"{url}/health").json()
         assert health["name"] == "iris-p-s0" and health["model"]["model"] == "tiny"

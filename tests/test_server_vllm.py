@@ -61,7 +61,6 @@ def server(reference, tmp_path_factory):
 
 
 def _lm(server, **kw) -> OpenAILM:
-    kw.setdefault("cache", False)
     return OpenAILM(MODEL, base_url=server.url, local_model=MODEL, **kw)
 
 
@@ -83,7 +82,7 @@ def test_chat_endpoint_continues_the_prefix(server, reference):
     repeat reuses the server's prefix cache, and bf16 numerics with cached KV
     blocks may differ from a full prefill, so only repeat vs repeat is exact.
     """
-    chat = OpenAILM(MODEL, base_url=server.url, endpoint="chat", cache=False, max_concurrency=1)
+    chat = OpenAILM(MODEL, base_url=server.url, endpoint="chat", max_concurrency=1)
     comp = _lm(server, max_concurrency=1)
     req, want = reference[0]
     again = comp.complete(req)
@@ -180,7 +179,7 @@ def test_adapter_served_by_the_server(server, reference, tmp_path):
     assert a != base_texts  # the adapter is applied
     if not all(want.text.startswith(t) for (_, want), t in zip(reference, base_texts)):
         warnings.warn("base outputs on the LoRA-enabled server (no prefix caching) differ from the in-process engine")
-    assert tuned.model in tuned._served_models()
+    assert tuned.model in tuned.served_models()
     import httpx
 
     r = httpx.post(f"{server.url}/unload_lora_adapter", json={"lora_name": tuned.model}, timeout=30)
@@ -211,13 +210,13 @@ def test_weight_step_adapter_served_by_the_server_matches_the_in_process_engine(
     assert rec.kind == "w" and rec.train_examples > 0, rec.detail
     tuned = out.program.predictors()[0].lm
     assert isinstance(tuned, OpenAILM) and tuned.adapter is not None and tuned.base_url == server.url
-    assert tuned.model in tuned._served_models()  # loaded at run time, served by name
+    assert tuned.model in tuned.served_models()  # loaded at run time, served by name
     adapter = tuned.adapter
 
     reqs = [Request(r.text, SamplingParams(max_tokens=16), r.prompt) for r, _ in reference[:2]]
     served = [c.text for c in _lm(server, max_concurrency=1).with_adapter(adapter).generate(reqs)]
     server.stop()  # memory and both cores for the in-process engine
-    local = VLLM(MODEL, cache=False, adapter_mode="lora", enable_prefix_caching=False).with_adapter(adapter)
+    local = VLLM(MODEL, adapter_mode="lora", enable_prefix_caching=False).with_adapter(adapter)
     try:
         in_process = [local.complete(r).text for r in reqs]
     finally:

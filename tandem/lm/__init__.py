@@ -1,9 +1,11 @@
-"""LM backends behind one protocol (see base.py); heavy engines import lazily."""
+"""LM backends behind one protocol (``protocol.py``); heavy engines import lazily."""
 
-from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request, SamplingParams, Usage
 from tandem.lm.fake import FakeLM
+from tandem.lm.protocol import (
+    LM, Completion, ContextLengthError, LMError, Prompt, Request, SamplingParams, TrainableLM, Usage,
+)
 
 __all__ = [
     "LM", "Completion", "ContextLengthError", "FakeLM", "LMError", "Prompt", "Request",
-    "SamplingParams", "Usage",
+    "SamplingParams", "TrainableLM", "Usage",
 ]

@@ -1,264 +1,158 @@
-"""The LM protocol every backend implements.
+"""A base for backends that run whole batches: ``BatchedLM`` and its dispatcher.
 
-A backend turns a batch of rendered prompts into completions with token
-counts (``_generate``). Everything else lives here, once for all backends:
+Programs are plain Python that call predictors one at a time, so concurrency
+comes from running many examples in threads. ``Batcher`` gathers the single
+requests those threads submit into batches, so that a program run from 64
+threads reaches the backend as one batch of 64 rather than 64 calls in a row.
+A backend subclasses ``BatchedLM`` and implements ``generate_batch`` (and
+``fingerprint``, ``spec``); ``prepare`` may turn a request into what
+``generate_batch`` wants in the caller's thread (the transformers backend
+tokenizes there, so a prompt that cannot fit fails alone).
 
-- ``render``: messages -> text, with the model's chat template when it has one
-  (instruct models) or as plain completion text (base models);
-- ``submit``/``complete``: thread-safe single requests that a dispatcher
-  gathers into batches, so that a program run from 64 threads reaches the
-  engine as one batch of 64 rather than 64 calls in a row;
-- the on-disk call cache and the usage counters.
+Backends with their own scheduling (the vLLM engine loop, the HTTP client's
+pool) implement ``tandem.lm.protocol.LM`` directly instead. The contract's
+types are importable from here too (``from tandem.lm.base import Request``).
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import queue
 import threading
 import time
-from abc import ABC, abstractmethod
+from abc import abstractmethod
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass
+from typing import Callable
+
+from tandem.lm.chat import render_completion_text
+from tandem.lm.protocol import (  # noqa: F401 - the contract's names, importable from here too
+    LM, Completion, ContextLengthError, LMError, Prompt, Request, SamplingParams, TrainableLM, Usage, check_fits,
+)
+
+__all__ = [
+    "BatchedLM", "Batcher", "LM", "Completion", "ContextLengthError", "LMError", "Prompt", "Request",
+    "SamplingParams", "TrainableLM", "Usage", "check_fits",
+]
 
 log = logging.getLogger(__name__)
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    temperature: float = 0.0  # greedy by default: optimization compares candidates, noise hurts
-    max_tokens: int = 256
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-
-    @property
-    def deterministic(self) -> bool:
-        return self.temperature == 0.0 or self.seed is not None
+#: How long the dispatcher waits for more requests to join a batch.
+BATCH_GRACE_S = 0.005
 
 
-@dataclass(frozen=True)
-class Prompt:
-    """A chat prompt: (role, content) turns and the start of the reply.
+class Batcher:
+    """Single requests from many threads -> batches for ``run`` (a list of requests -> one completion each).
 
-    ``prefix`` is written as the beginning of the assistant's answer; the model
-    continues from it. Small models follow a format far better when its first
-    label is already there.
+    A thread started on the first request takes what is waiting (up to
+    ``max_batch``, after a short grace period so that threads about to submit
+    join) and runs it. When a batch fails, its requests run again one by one,
+    so one bad request (say, too long) fails alone.
     """
 
-    messages: tuple[tuple[str, str], ...]
-    prefix: str = ""
-
-
-@dataclass(frozen=True)
-class Request:
-    text: str  # the rendered prompt, exactly as the engine sees it
-    params: SamplingParams = SamplingParams()
-    prompt: Prompt | None = None  # kept for chat endpoints that take messages
-
-
-@dataclass
-class Completion:
-    text: str  # generated text only (the prompt's prefix is not repeated)
-    prompt_tokens: int
-    output_tokens: int
-    finish_reason: str = "stop"
-    cached: bool = False
-
-
-class LMError(RuntimeError):
-    """A backend failed to produce a completion."""
-
-
-class ContextLengthError(LMError):
-    """The prompt does not fit into the model's context window."""
-
-
-@dataclass
-class Usage:
-    calls: int = 0
-    cached_calls: int = 0
-    prompt_tokens: int = 0
-    output_tokens: int = 0
-
-    def add(self, c: Completion) -> None:
-        self.calls += 1
-        if c.cached:
-            self.cached_calls += 1
-        else:
-            self.prompt_tokens += c.prompt_tokens
-            self.output_tokens += c.output_tokens
-
-    def merge(self, other: "Usage") -> None:
-        for k, v in asdict(other).items():
-            setattr(self, k, getattr(self, k) + v)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def render_completion_text(prompt: Prompt) -> str:
-    """Plain-text rendering for base models without a chat template."""
-    parts: list[str] = []
-    for role, content in prompt.messages:
-        if role == "system":
-            parts.append(content.strip() + "\n\n")
-        elif role == "user":
-            parts.append("---\n\n" + content.strip() + "\n")
-        else:
-            parts.append(content.strip() + "\n\n")
-    return "".join(parts) + prompt.prefix
-
-
-class LM(ABC):
-    """Base class of every backend. Subclasses implement ``_generate``."""
-
-    #: Largest batch a dispatcher hands to ``_generate`` at once.
-    max_batch: int = 64
-    #: Tokens of prompt plus completion the model accepts.
-    context_length: int = 2048
-
-    def __init__(self, name: str, cache: "CallCache | None | bool" = True) -> None:
-        from tandem.lm.cache import CallCache, default_cache
-
+    def __init__(self, run: Callable[[list[Request]], list[Completion]], name: str, max_batch: int) -> None:
+        self.run = run
         self.name = name
-        if cache is True:
-            cache = default_cache()
-        # `cache or None` would drop an empty cache: CallCache has __len__.
-        self.cache: CallCache | None = cache if isinstance(cache, CallCache) else None
-        self.usage = Usage()
-        self._usage_lock = threading.Lock()
-        self._queue: queue.Queue | None = None
-        self._dispatcher: threading.Thread | None = None
-        self._start_lock = threading.Lock()
-
-    # -- what a backend provides -------------------------------------------------
-    @abstractmethod
-    def _generate(self, requests: list[Request]) -> list[Completion]:
-        """Run a batch through the engine. Returns one completion per request."""
-
-    @abstractmethod
-    def fingerprint(self) -> str:
-        """Identifies the weights (base + adapter) for the cache."""
-
-    def chat_template(self, prompt: Prompt) -> str | None:
-        """Text of the prompt under the model's chat template, or None."""
-        return None
-
-    def count_tokens(self, text: str) -> int:
-        return max(1, len(text) // 4)
-
-    # -- shared behaviour --------------------------------------------------------
-    def render(self, prompt: Prompt) -> str:
-        text = self.chat_template(prompt)
-        if text is None:
-            return render_completion_text(prompt)
-        return text + prompt.prefix
-
-    def _cache_key(self, req: Request) -> str:
-        blob = json.dumps([self.fingerprint(), req.text, asdict(req.params)], sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()
-
-    def _record(self, c: Completion) -> Completion:
-        with self._usage_lock:
-            self.usage.add(c)
-        return c
-
-    def generate(self, requests: list[Request]) -> list[Completion]:
-        """Batch call: cached answers are returned, the rest go to the engine together."""
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
-
-    def complete(self, request: Request) -> Completion:
-        return self.submit(request).result()
+        self.max_batch = max_batch
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
 
     def submit(self, request: Request) -> Future:
         fut: Future = Future()
-        key = None
-        if self.cache is not None and request.params.deterministic:
-            key = self._cache_key(request)
-            hit = self.cache.get(key)
-            if hit is not None:
-                fut.set_result(self._record(hit))
-                return fut
-        self._enqueue(request, fut, key)
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name=f"tandem-lm-{self.name}", daemon=True)
+                self._thread.start()
+        self._queue.put((request, fut))
         return fut
 
-    def _finish(self, fut: Future, key: str | None, result: Completion | BaseException) -> None:
-        """Hand a result to its caller. Never raises: it runs in engine threads and
-        future callbacks, where an exception would leave the caller waiting forever."""
-        if fut.done():
-            return
-        if isinstance(result, BaseException):
-            fut.set_exception(result)
-            return
-        if key is not None and self.cache is not None:
-            try:
-                self.cache.put(key, result)
-            except Exception as exc:  # noqa: BLE001 - a cache problem must not lose the result
-                log.warning("%s: could not write the call cache (%s); continuing without it", self.name, exc)
-        fut.set_result(self._record(result))
-
-    def _enqueue(self, request: Request, fut: Future, key: str | None) -> None:
-        with self._start_lock:
-            if self._dispatcher is None or not self._dispatcher.is_alive():
-                self._queue = queue.Queue()
-                self._dispatcher = threading.Thread(
-                    target=self._dispatch_loop, name=f"tandem-lm-{self.name}", daemon=True
-                )
-                self._dispatcher.start()
-        assert self._queue is not None
-        self._queue.put((request, fut, key))
-
-    def _dispatch_loop(self) -> None:
+    def _loop(self) -> None:
         q = self._queue
-        assert q is not None
         while True:
             items = [q.get()]
-            # A short grace period lets threads that are about to submit join
-            # this batch; without it the first request would go alone.
-            deadline = time.monotonic() + 0.005
+            deadline = time.monotonic() + BATCH_GRACE_S
             while len(items) < self.max_batch:
                 try:
                     items.append(q.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            self._run_batch(items)
+            self._run(items)
 
-    def _run_batch(self, items: list) -> None:
+    def _run(self, items: list[tuple[Request, Future]]) -> None:
         try:
-            outs = self._generate([r for r, _, _ in items])
+            outs = self.run([r for r, _ in items])
             if len(outs) != len(items):
                 raise LMError(f"{self.name}: backend returned {len(outs)} completions for {len(items)} requests")
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
             if len(items) > 1 and not isinstance(exc, KeyboardInterrupt):
-                # One bad request (say, too long) must not fail its neighbours.
                 for item in items:
-                    self._run_batch([item])
+                    self._run([item])
                 return
-            for _, fut, _ in items:
-                self._finish(fut, None, exc)
+            for _, fut in items:
+                if not fut.done():
+                    fut.set_exception(exc)
             return
-        for (_, fut, key), out in zip(items, outs):
-            self._finish(fut, key, out)
+        for (_, fut), out in zip(items, outs):
+            if not fut.done():
+                fut.set_result(out)
 
-    def check_fits(self, req: Request, prompt_tokens: int) -> int:
-        """Raise ContextLengthError if the prompt cannot fit; return usable max_tokens."""
-        room = self.context_length - prompt_tokens
-        if room <= 0:
-            raise ContextLengthError(
-                f"{self.name}: prompt has {prompt_tokens} tokens but the context window is "
-                f"{self.context_length}; use fewer or shorter demos or inputs"
-            )
-        return min(req.params.max_tokens, room)
+
+class BatchedLM(LM):
+    """An ``LM`` whose backend takes whole batches: subclasses implement ``generate_batch``."""
+
+    #: Largest batch the dispatcher hands to ``generate_batch`` at once.
+    max_batch: int = 64
+    #: Tokens of prompt plus completion the model accepts.
+    context_length: int = 2048
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._batcher: Batcher | None = None
+        self._batcher_lock = threading.Lock()
+
+    @abstractmethod
+    def generate_batch(self, requests: list[Request]) -> list[Completion]:
+        """Run a batch through the model. Returns one completion per request, in order."""
+
+    @abstractmethod
+    def fingerprint(self) -> str: ...
+
+    @abstractmethod
+    def spec(self) -> dict: ...
+
+    def prepare(self, request: Request) -> Request:
+        """Runs in the submitting thread before the request joins a batch; an LMError fails it alone."""
+        return request
+
+    def submit(self, request: Request) -> Future:
+        try:
+            request = self.prepare(request)
+        except Exception as exc:  # noqa: BLE001 - submit never raises: the future carries it
+            fut: Future = Future()
+            fut.set_exception(exc)
+            return fut
+        if self._batcher is None:
+            with self._batcher_lock:
+                if self._batcher is None:
+                    # Through a lambda: generate_batch is looked up at each batch.
+                    self._batcher = Batcher(lambda reqs: self.generate_batch(reqs), self.name, self.max_batch)
+        return self._batcher.submit(request)
+
+    def render(self, prompt: Prompt) -> str:
+        return render_completion_text(prompt)
+
+    def count_tokens(self, text: str) -> int:
+        return max(1, len(text) // 4)
+
+    def check_fits(self, request: Request, prompt_tokens: int) -> int:
+        """The request's ``max_tokens``, capped by what is left of the context window; ContextLengthError if none."""
+        return check_fits(self.name, self.context_length, request, prompt_tokens)
 
     def start(self) -> None:
-        """Load weights / start the engine now rather than at the first call."""
+        """Nothing to load by default."""
 
     def close(self) -> None:
-        """Release engine resources. The base class holds none."""
+        """Nothing to release by default."""
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
-

@@ -1,4 +1,4 @@
-"""On-disk call cache (SQLite), shared by every backend.
+"""On-disk call cache (SQLite), shared by every backend (``tandem.lm.caching`` uses it).
 
 Keys are hashes of (model fingerprint incl. adapter, rendered prompt, sampling
 parameters); only deterministic requests are cached (greedy, or seeded).
@@ -13,7 +13,7 @@ import sqlite3
 import threading
 from pathlib import Path
 
-from tandem.lm.base import Completion
+from tandem.lm.protocol import Completion
 from tandem.settings import tandem_home
 
 _SCHEMA = """

@@ -11,10 +11,11 @@ from __future__ import annotations
 import threading
 from typing import Callable
 
-from tandem.lm.base import LM, Completion, Prompt, Request
+from tandem.lm.base import BatchedLM
+from tandem.lm.protocol import Completion, Prompt, Request, TrainableLM
 
 
-class FakeLM(LM):
+class FakeLM(BatchedLM, TrainableLM):
     max_batch = 64
 
     def __init__(
@@ -24,7 +25,7 @@ class FakeLM(LM):
         chat: bool = True,
         adapter: str | None = None,
     ) -> None:
-        super().__init__(name, cache=False)
+        super().__init__(name)
         self._reply = reply if callable(reply) else (lambda _t, *, r=reply: r)
         self.chat = chat
         self.adapter = adapter
@@ -42,12 +43,12 @@ class FakeLM(LM):
     def fingerprint(self) -> str:
         return f"fake:{self.name}:{self.adapter}"
 
-    def chat_template(self, prompt: Prompt) -> str | None:
+    def render(self, prompt: Prompt) -> str:
         if not self.chat:
-            return None
-        return "".join(f"<|{role}|>{content}<|end|>" for role, content in prompt.messages) + "<|assistant|>"
+            return super().render(prompt)
+        return "".join(f"<|{role}|>{content}<|end|>" for role, content in prompt.messages) + "<|assistant|>" + prompt.prefix
 
-    def _generate(self, requests: list[Request]) -> list[Completion]:
+    def generate_batch(self, requests: list[Request]) -> list[Completion]:
         with self._lock:
             self.batches.append(len(requests))
             self.prompts.extend(r.text for r in requests)

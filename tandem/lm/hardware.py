@@ -1,10 +1,8 @@
-"""What the CPU computes natively, for choosing dtypes.
+"""What the machine computes natively, for choosing dtypes and engine settings.
 
-On CPUs without AVX512-BF16 or AMX, oneDNN emulates bf16 matmuls: on a
-2-core AMD EPYC with AVX2 only, a 1024x1024 bf16 matmul ran at 0.8 GFLOP/s
-against 102 GFLOP/s in fp32, and a dev evaluation of Iris on the vLLM engine
-took 44.5 s in bf16 against 15.8 s in fp32 (docs/benchmarks.md). The
-engine and the trainer therefore use fp32 on such CPUs.
+On CPUs without AVX512-BF16 or AMX, oneDNN emulates bf16 matmuls, which is
+several times slower than fp32 (docs/design.md, "The engine computes in
+fp32 on CPUs without native bf16"); the engine and the trainer then use fp32.
 """
 
 from __future__ import annotations
@@ -30,3 +28,13 @@ def cpu_has_native_bf16() -> bool:
 def cpu_dtype() -> str:
     """The dtype an engine on this CPU should compute in: bfloat16 where native, else float32."""
     return "bfloat16" if cpu_has_native_bf16() else "float32"
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (False without torch)."""
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:  # noqa: BLE001 - no torch means no GPU path
+        return False

@@ -1,7 +1,7 @@
 """The transformers reference backend: ``HFLM(model, adapter=None)``.
 
-Slow next to vLLM (design.md: 70-90 output tokens/s at batch 8 on 2 cores),
-kept for parity tests and for platforms without vLLM. It runs its own
+Slower than vLLM (docs/design.md), kept for parity tests and for platforms
+without vLLM. It runs its own
 decoding loop over a left-padded batch with a KV cache instead of
 ``model.generate`` so that every request keeps its own sampling parameters:
 
@@ -17,167 +17,45 @@ decoding loop over a left-padded batch with a KV cache instead of
   string), as vLLM counts them;
 - finished rows leave the batch (their KV cache rows are dropped).
 
-Prompts are tokenized the way the vLLM backend does it: the tokenizer adds
-its special tokens unless the text already starts with the BOS token (a chat
-template that writes BOS itself). SmolLM2's tokenizer adds none either way and
-its template starts with ``<|im_start|>``, which is its BOS token; a Gemma
-base model gets ``<bos>`` from the tokenizer.
+Prompts are rendered and tokenized by ``tandem.lm.chat``, as every backend
+does (BOS-aware: a chat template that writes BOS gets no second one).
 
-Adapters are PEFT folders. Every ``HFLM`` of one checkpoint and dtype in a
-process shares one loaded base model; ``with_adapter`` loads the adapter into
-a ``peft.PeftModel`` wrapped around that base (one named adapter each) and
-switches adapters under a lock around each forward loop.
-
-torch, transformers and peft are imported when a model is loaded, never at
-``import tandem``.
+Every ``HFLM`` of one checkpoint and dtype in a process shares one
+``HFCheckpoint`` (``tandem.lm.hf_checkpoint``); ``with_adapter`` passes its
+own, and the adapter joins the PEFT model around that base. The weights load
+at the first request that reaches the model, not when the ``HFLM`` is made,
+and the adapter with them. torch, transformers and peft are imported then,
+never at ``import tandem``.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import weakref
-from concurrent.futures import Future
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from tandem.lm.base import LM, Completion, ContextLengthError, LMError, Prompt, Request
-from tandem.lm.models import checkpoint_fingerprint, has_chat_template, resolve_model
+from tandem.lm.base import BatchedLM
+from tandem.lm.hf_checkpoint import HFCheckpoint, dtype_name, shared_checkpoint
+from tandem.lm.identity import check_if_tandem_adapter, checkpoint_fingerprint
+from tandem.lm.models import resolve_model
+from tandem.lm.protocol import Completion, LMError, Prompt, Request, TrainableLM
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-           "float16": "float16", "fp16": "float16"}
-
-
-def _dtype_name(dtype: Any, model_dir: Path) -> str:
-    """'auto' -> the checkpoint's own dtype (float32 for the converted embedded models)."""
-    if dtype is None or dtype == "auto":
-        import json
-
-        cfg = json.loads((model_dir / "config.json").read_text())
-        dtype = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    name = str(dtype).removeprefix("torch.")
-    if name not in _DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r}; use 'auto', 'float32', 'bfloat16' or 'float16'")
-    return _DTYPES[name]
-
-
-class _Base:
-    """One loaded checkpoint (tokenizer + model) shared by every HFLM on it."""
-
-    def __init__(self, model_dir: Path, dtype: str) -> None:
-        import torch
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-
-        self.model_dir = model_dir
-        self.dtype = dtype
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        config = AutoConfig.from_pretrained(model_dir)
-        log.info("loading %s in %s with transformers", model_dir, dtype)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-        self.model.eval()
-        self.context_length = int(getattr(config, "max_position_embeddings", 0) or 2048)
-        eos: set[int] = set()
-        try:
-            gen_eos = GenerationConfig.from_pretrained(model_dir).eos_token_id
-        except OSError:  # no generation_config.json
-            gen_eos = None
-        for e in (gen_eos, config.eos_token_id, self.tokenizer.eos_token_id):
-            if isinstance(e, int):
-                eos.add(e)
-            elif e:
-                eos.update(int(x) for x in e)
-        self.eos_ids = frozenset(eos)
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else min(eos) if eos else 0
-        self.fingerprint = checkpoint_fingerprint(model_dir)
-        self.lock = threading.Lock()  # one forward loop at a time (adapters switch per loop)
-        self.tok_lock = threading.Lock()  # HF tokenizers are not safe to share across threads
-        self.peft: Any = None
-        self.adapters: dict[str, int] = {}  # peft adapter name -> HFLM objects using it
-
-    def encode(self, text: str) -> list[int]:
-        bos = self.tokenizer.bos_token
-        special = not (bos and text.startswith(bos))
-        with self.tok_lock:
-            return list(self.tokenizer.encode(text, add_special_tokens=special))
-
-    def decode(self, ids: list[int]) -> str:
-        with self.tok_lock:
-            return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add_adapter(self, adapter_dir: Path, name: str) -> None:
-        with self.lock:
-            if name in self.adapters:
-                self.adapters[name] += 1
-                return
-            if self.peft is None:
-                from peft import PeftModel
-
-                self.peft = PeftModel.from_pretrained(self.model, str(adapter_dir), adapter_name=name)
-            else:
-                self.peft.load_adapter(str(adapter_dir), adapter_name=name)
-            self.peft.eval()
-            self.adapters[name] = 1
-
-    def drop_adapter(self, name: str) -> None:
-        with self.lock:
-            n = self.adapters.get(name, 0) - 1
-            if n > 0:
-                self.adapters[name] = n
-                return
-            self.adapters.pop(name, None)
-            if self.peft is not None and name in self.peft.peft_config:
-                if len(self.peft.peft_config) == 1:
-                    # peft cannot delete its last adapter; unwrap the base instead.
-                    self.model = self.peft.unload()
-                    self.peft = None
-                else:
-                    if self.peft.active_adapter == name:
-                        self.peft.set_adapter(next(a for a in self.peft.peft_config if a != name))
-                    self.peft.delete_adapter(name)
-
-    @contextmanager
-    def active(self, adapter: str | None) -> Iterator[Any]:
-        """Hold the lock with ``adapter`` (or no adapter) switched on; yields the model to call."""
-        with self.lock:
-            if self.peft is None:
-                assert adapter is None
-                yield self.model
-            elif adapter is None:
-                with self.peft.disable_adapter():
-                    yield self.peft
-            else:
-                self.peft.set_adapter(adapter)
-                yield self.peft
-
-
-_bases: "weakref.WeakValueDictionary[tuple[str, str], _Base]" = weakref.WeakValueDictionary()
-_bases_lock = threading.Lock()
-
-
-def _get_base(model_dir: Path, dtype: str) -> _Base:
-    key = (str(model_dir.resolve()), dtype)
-    with _bases_lock:
-        base = _bases.get(key)
-        if base is None:
-            base = _Base(model_dir, dtype)
-            _bases[key] = base
-        return base
-
 
 @dataclass(frozen=True)
-class _Tokenized(Request):
-    """A request with its prompt already tokenized (by ``_enqueue``)."""
+class TokenizedRequest(Request):
+    """A request with its prompt already tokenized (by ``HFLM.prepare``)."""
 
     ids: tuple[int, ...] = ()
 
 
 @dataclass
-class _Row:
+class Row:
+    """One request in the decoding loop."""
+
     ids: list[int]
     max_new: int
     temperature: float
@@ -188,13 +66,14 @@ class _Row:
     finish: str | None = None
 
 
-class HFLM(LM):
+class HFLM(BatchedLM, TrainableLM):
     """transformers ``AutoModelForCausalLM`` in-process, optionally with a PEFT adapter.
 
     ``model``: an embedded model name or a checkpoint directory. ``batch_size``:
     rows per forward loop (the dispatcher may hand over more; they are sorted by
     length and run in chunks). ``dtype``: ``"auto"`` (the checkpoint's, float32
     for the embedded models), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+    ``checkpoint``: an ``HFCheckpoint`` to share (``with_adapter`` passes its own).
     """
 
     def __init__(
@@ -203,88 +82,91 @@ class HFLM(LM):
         adapter: str | Path | None = None,
         batch_size: int = 8,
         dtype: Any = "auto",
-        cache: Any = True,
+        *,
+        checkpoint: HFCheckpoint | None = None,
     ) -> None:
-        model_dir = resolve_model(model)
-        dtype_name = _dtype_name(dtype, model_dir)
-        self._setup(str(model), _get_base(model_dir, dtype_name), adapter, batch_size, cache)
-
-    def _setup(self, model: str, base: _Base, adapter: str | Path | None, batch_size: int, cache: Any) -> None:
-        self.model = model
+        if checkpoint is None:
+            model_dir = resolve_model(model)
+            checkpoint = shared_checkpoint(model_dir, dtype_name(dtype, model_dir))
+        self.model = str(model)
         self.adapter = Path(adapter) if adapter is not None else None
-        super().__init__(f"hf:{model}" + (f"+{self.adapter.name}" if self.adapter else ""), cache=cache)
-        self._base = base
-        self.model_dir = base.model_dir
-        self.dtype = base.dtype
+        super().__init__(f"hf:{model}" + (f"+{self.adapter.name}" if self.adapter else ""))
+        self.checkpoint = checkpoint
+        self.model_dir = checkpoint.model_dir
+        self.dtype = checkpoint.dtype
         self.batch_size = max(1, int(batch_size))
         self.max_batch = max(self.batch_size, 32)
-        self.context_length = base.context_length
-        self._chat = has_chat_template(base.model_dir)
-        fp = f"hf:{base.fingerprint}:{base.dtype}"
+        self.context_length = checkpoint.context_length
+        fp = f"hf:{checkpoint.fingerprint}:{checkpoint.dtype}"
         self._adapter_name: str | None = None
+        self._adapter_added = False
+        self._adapter_lock = threading.Lock()
         self._closed = False
         if self.adapter is not None:
             if not (self.adapter / "adapter_config.json").exists():
                 raise ValueError(f"{self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
-            from tandem.train.adapter import META_FILE, check_adapter_base
-
-            if (self.adapter / META_FILE).exists():  # trained by tandem: it names its base
-                check_adapter_base(self.adapter, base.model_dir)
+            check_if_tandem_adapter(self.adapter, checkpoint.model_dir)
             afp = checkpoint_fingerprint(self.adapter)
             fp += f"+{afp}"
             self._adapter_name = f"a{afp}"
-            base.add_adapter(self.adapter, self._adapter_name)
         self._fingerprint = fp
 
     def with_adapter(self, adapter: str | Path | None) -> "HFLM":
         """The same base weights (shared, not reloaded) with ``adapter`` (None: none)."""
-        new = object.__new__(HFLM)
-        new._setup(self.model, self._base, adapter, self.batch_size, self.cache if self.cache is not None else False)
-        return new
+        return HFLM(self.model, adapter, self.batch_size, self.dtype, checkpoint=self.checkpoint)
+
+    def spec(self) -> dict:
+        return {"backend": "hf", "model": self.model, "adapter": str(self.adapter) if self.adapter else None,
+                "dtype": self.dtype}
 
     # -- protocol ------------------------------------------------------------------
     def fingerprint(self) -> str:
         return self._fingerprint
 
-    def chat_template(self, prompt: Prompt) -> str | None:
-        if not self._chat:
-            return None
-        msgs = [{"role": r, "content": c} for r, c in prompt.messages]
-        return self._base.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    def render(self, prompt: Prompt) -> str:
+        return self.checkpoint.chat.render(prompt)
 
     def tokenize(self, text: str) -> list[int]:
         """The prompt's token ids, exactly as the model sees them."""
-        return self._base.encode(text)
+        return self.checkpoint.chat.encode(text)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenize(text))
 
-    def _enqueue(self, request: Request, fut: Future, key: str | None) -> None:
-        # Tokenize and check the length in the caller's thread: a prompt that
-        # cannot fit fails alone, before it reaches a batch.
-        try:
-            ids = self.tokenize(request.text)
-            self.check_fits(request, len(ids))
-        except ContextLengthError as exc:
-            fut.set_exception(exc)
-            return
-        super()._enqueue(_Tokenized(request.text, request.params, request.prompt, tuple(ids)), fut, key)
+    def prepare(self, request: Request) -> Request:
+        # Tokenized and checked in the caller's thread: a prompt that cannot
+        # fit fails alone, before it reaches a batch.
+        ids = self.tokenize(request.text)
+        self.check_fits(request, len(ids))
+        return TokenizedRequest(request.text, request.params, request.prompt, tuple(ids))
 
-    def _generate(self, requests: list[Request]) -> list[Completion]:
-        import torch
+    def start(self) -> None:
+        """Load the weights (and the adapter) now."""
+        self._load()
 
+    def _load(self) -> None:
         if self._closed:
             raise LMError(f"{self.name} is closed (its adapter was released)")
+        self.checkpoint.load()
+        if self._adapter_name is not None and not self._adapter_added:
+            with self._adapter_lock:
+                if not self._adapter_added:
+                    self.checkpoint.add_adapter(self.adapter, self._adapter_name)
+                    self._adapter_added = True
 
-        rows: list[_Row] = []
+    def generate_batch(self, requests: list[Request]) -> list[Completion]:
+        import torch
+
+        self._load()
+        rows: list[Row] = []
         for r in requests:
-            ids = list(r.ids) if isinstance(r, _Tokenized) and r.ids else self.tokenize(r.text)
+            ids = list(r.ids) if isinstance(r, TokenizedRequest) and r.ids else self.tokenize(r.text)
             max_new = self.check_fits(r, len(ids))
             p = r.params
             gen = None
             if p.temperature > 0 and p.seed is not None:
                 gen = torch.Generator().manual_seed(int(p.seed))
-            rows.append(_Row(ids, max_new, float(p.temperature), tuple(s for s in p.stop if s), gen, []))
+            rows.append(Row(ids, max_new, float(p.temperature), tuple(s for s in p.stop if s), gen, []))
         for row in rows:
             if row.max_new <= 0:
                 row.finish = "length"
@@ -296,10 +178,10 @@ class HFLM(LM):
         ]
 
     # -- the decoding loop -----------------------------------------------------------
-    def _decode(self, rows: list[_Row]) -> None:
+    def _decode(self, rows: list[Row]) -> None:
         import torch
 
-        base = self._base
+        base = self.checkpoint
         n = len(rows)
         width = max(len(r.ids) for r in rows)
         input_ids = torch.full((n, width), base.pad_id, dtype=torch.long)
@@ -319,7 +201,7 @@ class HFLM(LM):
             while True:
                 logits = out.logits[:, -1, :].float()
                 toks = self._pick(logits, [rows[i] for i in live])
-                keep = [j for j, i in enumerate(live) if not self._advance(rows[i], toks[j])]
+                keep = [j for j, i in enumerate(live) if not self.advance(rows[i], toks[j])]
                 if not keep:
                     break
                 if len(keep) < len(live):
@@ -336,7 +218,7 @@ class HFLM(LM):
                 next_pos = next_pos + 1
 
     @staticmethod
-    def _pick(logits, rows: list[_Row]) -> list[int]:
+    def _pick(logits, rows: list[Row]) -> list[int]:
         import torch
 
         picked = logits.argmax(dim=-1).tolist()
@@ -346,14 +228,14 @@ class HFLM(LM):
                 picked[j] = int(torch.multinomial(probs, 1, generator=r.generator).item())
         return picked
 
-    def _advance(self, r: _Row, tok: int) -> bool:
+    def advance(self, r: Row, tok: int) -> bool:
         """Append ``tok`` to row ``r``; True when the row is finished."""
         r.out.append(tok)
-        if tok in self._base.eos_ids:
+        if tok in self.checkpoint.eos_ids:
             r.finish = "stop"
             return True
         prev = len(r.text)
-        r.text = self._base.decode(r.out)
+        r.text = self.checkpoint.chat.decode(r.out)
         if r.stop:
             # A stop string can end in this token's text and start in earlier ones.
             start = max(0, prev - max(len(s) for s in r.stop) + 1)
@@ -368,10 +250,11 @@ class HFLM(LM):
         return False
 
     def close(self) -> None:
-        """Release this LM's adapter (the shared base goes when its last LM does)."""
+        """Release this LM's adapter (the shared checkpoint goes when its last LM does)."""
         if self._adapter_name is not None and not self._closed:
             self._closed = True
-            self._base.drop_adapter(self._adapter_name)
+            if self._adapter_added:
+                self.checkpoint.drop_adapter(self._adapter_name)
 
     def __repr__(self) -> str:
         extra = f", adapter={str(self.adapter)!r}" if self.adapter else ""

@@ -18,13 +18,19 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from tandem.fileio import atomic_dir
+from tandem.lm.identity import checkpoint_fingerprint
 from tandem.settings import tandem_home
+
+__all__ = [
+    "DEFAULT_MODEL", "EMBEDDED", "EmbeddedModel", "ModelNotFound", "build_tiny_model", "checkpoint_fingerprint",
+    "ensure_model", "has_chat_template", "resolve_model",
+]
 
 log = logging.getLogger(__name__)
 
@@ -87,20 +93,17 @@ def _convert(m: EmbeddedModel, out: Path) -> None:
 
     gguf = _find_gguf(m)
     log.info("converting %s (%s) into %s, once", m.name, gguf.name, out)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(
         gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
         quantization_config=GgufConfig(dequantize=True),
     )
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "tandem.json").write_text(
-        json.dumps({"name": m.name, "package": m.package, "gguf": gguf.name, "chat": m.chat}, indent=1)
-    )
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # atomic: a killed conversion leaves no half checkpoint
+    with atomic_dir(out) as tmp:  # a killed conversion leaves no half checkpoint
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tandem.json").write_text(
+            json.dumps({"name": m.name, "package": m.package, "gguf": gguf.name, "chat": m.chat}, indent=1)
+        )
 
 
 def ensure_model(name: str) -> Path:
@@ -174,36 +177,8 @@ def build_tiny_model(out: str | Path, seed: int = 0, hidden: int = 64, layers: i
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    (tmp / "tandem.json").write_text(json.dumps({"name": "tiny", "chat": True, "seed": seed}))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "tandem.json").write_text(json.dumps({"name": "tiny", "chat": True, "seed": seed}))
     return out
-
-
-def checkpoint_fingerprint(path: str | Path) -> str:
-    """Content hash of a checkpoint or adapter directory (config + weight files).
-
-    Reads the config/adapter_config text and, for each weight file, its size
-    and first and last MiB: cheap, and different for any retrained adapter or
-    re-quantized model.
-    """
-    import hashlib
-
-    p = Path(path)
-    h = hashlib.sha256()
-    for f in sorted(p.iterdir()):
-        if f.name in ("config.json", "adapter_config.json"):
-            h.update(f.name.encode() + f.read_bytes())
-        elif f.suffix in (".safetensors", ".bin"):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with open(f, "rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read(1 << 20))
-    return h.hexdigest()[:16]

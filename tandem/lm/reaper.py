@@ -1,4 +1,4 @@
-"""Kill a process's helper processes when it dies without cleaning up.
+"""The engine's helper processes: watched while they start, killed when tandem dies without cleaning up.
 
 vLLM runs its engine core and workers in child processes (3.5-4.5 GB each on
 CPU). When tandem exits normally, or on SIGTERM/Ctrl-C, it shuts them down;
@@ -8,13 +8,20 @@ process (its own session, so signals to tandem's process group don't reach
 it) that polls the parent every half second and, once it is gone, kills the
 listed processes (each identified by pid and start time, so a reused pid is
 never hit).
+
+``Watched`` follows the processes an engine start creates, so that one that
+dies before the engine is up is noticed (``tandem.lm.vllm_engine``).
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+from typing import Callable
+
+import psutil
 
 _WATCHER = r"""
 import os, sys, time, signal
@@ -42,11 +49,7 @@ for p, t in targets:
 
 
 def watch(pids: list[int]) -> subprocess.Popen | None:
-    """Kill ``pids`` when this process dies. Returns the watcher, or None without psutil."""
-    try:
-        import psutil
-    except ImportError:
-        return None
+    """Kill ``pids`` when this process dies. Returns the watcher, or None when none of them is alive."""
     targets = []
     for pid in pids:
         try:
@@ -65,8 +68,51 @@ def watch(pids: list[int]) -> subprocess.Popen | None:
 
 def children() -> set[int]:
     """The pids of this process's descendants."""
-    try:
-        import psutil
-    except ImportError:
-        return set()
     return {p.pid for p in psutil.Process().children(recursive=True)}
+
+
+class Watched:
+    """The processes added that ``wanted`` accepts, and which of them have ended."""
+
+    def __init__(self, wanted: Callable[[psutil.Process], bool]) -> None:
+        self.wanted = wanted
+        self._procs: dict[int, psutil.Process] = {}
+
+    def add(self, pids: set[int]) -> None:
+        for pid in pids - set(self._procs):
+            try:
+                proc = psutil.Process(pid)
+            except psutil.Error:
+                continue  # gone before we saw what it was
+            if self.wanted(proc):
+                self._procs[pid] = proc
+
+    def pids(self) -> set[int]:
+        return set(self._procs)
+
+    def dead(self) -> str | None:
+        """``pid N (name)`` of a watched process that has ended, or None."""
+        for pid, proc in self._procs.items():
+            try:
+                running = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                running = False
+            if not running:
+                return f"{pid} ({self._label(proc)})"
+        return None
+
+    @staticmethod
+    def _label(proc: psutil.Process) -> str:
+        try:
+            return proc.name()
+        except psutil.Error:
+            return "python"
+
+
+def kill(pids: list[int]) -> None:
+    """SIGKILL each of ``pids`` that still runs."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass

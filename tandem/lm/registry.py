@@ -1,16 +1,26 @@
-"""Backends registered by name, like plugins: ``get_lm("hf:smollm2-135m")``.
+"""Backends by name, like plugins: ``get_lm("hf:smollm2-135m")``.
 
 A spec is ``[backend:]model``. The backend defaults to ``vllm``; the model is
 an embedded model name or a checkpoint directory (for ``openai``, a model
-name on the server, with the server's URL in ``base_url``). Third-party
-backends register with ``register_backend(name, factory)``.
+name on the server, with the server's URL in ``base_url``). A backend is a
+factory ``(model, **options) -> LM`` (``tandem.lm.protocol.LM``):
+
+- built in: ``vllm``, ``hf``, ``openai``;
+- registered in code: ``register_backend(name, factory)``.
+
+``get_lm`` puts every backend behind the call cache and usage counter
+(``tandem.lm.caching``): ``cache=True`` (the default) is the cache under
+``TANDEM_HOME`` (none with ``TANDEM_CACHE=0``), ``False`` none, or a
+``CallCache``.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
-from tandem.lm.base import LM
+from tandem.lm.cache import CallCache, default_cache
+from tandem.lm.caching import CachedLM, with_cache
+from tandem.lm.protocol import LM
 
 _BACKENDS: dict[str, Callable[..., LM]] = {}
 
@@ -46,14 +56,28 @@ register_backend("hf", _hf)
 register_backend("openai", _openai)
 
 
+def backend_names() -> list[str]:
+    """Every backend name: built in and registered."""
+    return sorted(_BACKENDS)
+
+
 def split_spec(spec: str) -> tuple[str, str]:
+    """``backend:model`` -> (backend, model); a spec whose prefix names no backend is a ``vllm`` model."""
     backend, sep, model = spec.partition(":")
     if sep and backend in _BACKENDS:
         return backend, model
     return "vllm", spec
 
 
-def get_lm(spec: str, **options) -> LM:
-    """Build the LM named by ``spec`` (see module docstring)."""
+def get_lm(spec: str, *, cache: bool | CallCache | None = True, **options) -> CachedLM:
+    """Build the LM named by ``spec`` behind the call cache (see the module docstring)."""
     backend, model = split_spec(spec)
-    return _BACKENDS[backend](model, **options)
+    lm = _BACKENDS[backend](model, **options)
+    if not isinstance(lm, LM):
+        raise TypeError(f"backend {backend!r} returned {type(lm).__name__}, which lacks the LM protocol "
+                        "(tandem.lm.protocol.LM: submit, render, count_tokens, fingerprint, spec, start, close)")
+    if cache is True:
+        cache = default_cache()
+    elif cache is False:
+        cache = None
+    return with_cache(lm, cache)

@@ -27,8 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from tandem.lm.hardware import cpu_dtype, cuda_available
 from tandem.lm.models import resolve_model
-from tandem.lm.hardware import cpu_dtype
 
 
 def free_port() -> int:
@@ -55,9 +55,9 @@ class VLLMServer:
         self.served_name = served_name or Path(str(model)).name
         self.log_target = Path(log)
         self.kv_cache_gb = kv_cache_gb
-        from tandem.lm.vllm import CPU_BLOCK_SIZE, _cuda_available
+        from tandem.lm.vllm import CPU_BLOCK_SIZE
 
-        self.gpu = _cuda_available()
+        self.gpu = cuda_available()
         # As the in-process engine: its block size on CPU, vLLM's default on GPUs.
         self.block_size = block_size if block_size is not None else (None if self.gpu else CPU_BLOCK_SIZE)
         self.python = str(python)
