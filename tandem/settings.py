@@ -11,7 +11,8 @@ module-level object that holds state and is not in this list):
 - ``tandem.lm.cache._default``: the default call cache, one SQLite file under
   ``tandem_home()`` (``default_cache()``; ``TANDEM_CACHE=0``, read at each
   call, turns it off).
-- ``tandem.lm.registry._BACKENDS``: backends added with ``register_backend``.
+- ``tandem.lm.registry._BACKENDS``: the backends by name, built in, added with
+  ``register_backend``, and loaded from entry points (group "tandem.backends").
 - ``tandem.lm.vllm_pool.pool``: the running vLLM engines, one per checkpoint
   and options, shared by every ``VLLM`` object that points at it, with the
   groups that own each; what each engine this process started did
@@ -23,9 +24,10 @@ module-level object that holds state and is not in this list):
   JSON error replies, made once per protocol.
 - ``tandem.experiments.table._OUTCOMES``: per-example test scores read from
   results files, by path, modification time and size.
-- ``tandem.tasks.registry._FACTORIES``: the tasks by name, built in and added
-  with ``register_task``; ``tandem.tasks.retrieval._STOPWORDS``: bm25s's
-  English stop words, loaded on first use.
+- ``tandem.tasks.registry._FACTORIES``: the tasks by name, built in, added
+  with ``register_task``, and loaded from entry points (group "tandem.tasks");
+  ``tandem.tasks.retrieval._STOPWORDS``: bm25s's English stop words, loaded
+  on first use.
 - ``tandem.cli_output.console``: the console the CLI writes its messages to.
 - ``tandem.quiet``: ``configure()`` runs when ``tandem`` is imported and sets
   the libraries' loggers, the warning filters and the libraries' environment

@@ -6,7 +6,10 @@ name on the server, with the server's URL in ``base_url``). A backend is a
 factory ``(model, **options) -> LM`` (``tandem.lm.protocol.LM``):
 
 - built in: ``vllm``, ``hf``, ``openai``;
-- registered in code: ``register_backend(name, factory)``.
+- registered in code: ``register_backend(name, factory)``;
+- from another package: an entry point in the ``tandem.backends`` group
+  (``[project.entry-points."tandem.backends"] mybackend = "pkg.module:factory"``),
+  loaded the first time its name is asked for.
 
 ``get_lm`` puts every backend behind the call cache and usage counter
 (``tandem.lm.caching``): ``cache=True`` (the default) is the cache under
@@ -16,11 +19,14 @@ factory ``(model, **options) -> LM`` (``tandem.lm.protocol.LM``):
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from typing import Callable
 
 from tandem.lm.cache import CallCache, default_cache
 from tandem.lm.caching import CachedLM, with_cache
 from tandem.lm.protocol import LM
+
+ENTRY_POINT_GROUP = "tandem.backends"
 
 _BACKENDS: dict[str, Callable[..., LM]] = {}
 
@@ -56,15 +62,32 @@ register_backend("hf", _hf)
 register_backend("openai", _openai)
 
 
+def _from_entry_point(name: str) -> Callable[..., LM] | None:
+    """The factory a package registered as ``name`` in ``tandem.backends`` (registered here once loaded)."""
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        return None
+    ep = found[0]
+    try:
+        factory = ep.load()
+    except Exception as exc:  # noqa: BLE001 - turned into one line naming the entry point
+        raise ImportError(f"backend {name!r} ({ep.value}, entry point group {ENTRY_POINT_GROUP}) "
+                          f"does not load: {type(exc).__name__}: {exc}") from exc
+    if not callable(factory):
+        raise TypeError(f"backend {name!r} ({ep.value}): the entry point must name a factory (model, **options) -> LM")
+    register_backend(name, factory)
+    return factory
+
+
 def backend_names() -> list[str]:
-    """Every backend name: built in and registered."""
-    return sorted(_BACKENDS)
+    """Every backend name: built in, registered, and from installed packages' entry points."""
+    return sorted(set(_BACKENDS) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 def split_spec(spec: str) -> tuple[str, str]:
     """``backend:model`` -> (backend, model); a spec whose prefix names no backend is a ``vllm`` model."""
     backend, sep, model = spec.partition(":")
-    if sep and backend in _BACKENDS:
+    if sep and (backend in _BACKENDS or _from_entry_point(backend) is not None):
         return backend, model
     return "vllm", spec
 

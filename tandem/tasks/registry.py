@@ -2,7 +2,8 @@
 
 A task bundles a loader that returns train/dev/test splits for a seed, a
 program factory and a metric. Users add their own through config files
-(tandem.experiments.config) rather than by editing this table.
+(tandem.experiments.config) rather than by editing this table, or from a
+package of their own through the ``tandem.tasks`` entry point group.
 
     task = get_task("hotpotqa")
     data = task.load(data=None, seed=0)          # None: ../shared/data/hotpotqa if present
@@ -163,9 +164,28 @@ def _hotpotqa() -> Task:
 
 _FACTORIES: dict[str, Callable[[], Task]] = {"iris": _iris, "gsm8k": _gsm8k, "hotpotqa": _hotpotqa}
 
+#: Tasks from other packages: ``[project.entry-points."tandem.tasks"] name = "pkg.module:factory"``,
+#: a factory ``() -> Task``, loaded the first time its name is asked for.
+ENTRY_POINT_GROUP = "tandem.tasks"
+
 
 def register_task(name: str, factory: Callable[[], Task]) -> None:
     _FACTORIES[name] = factory
+
+
+def _from_entry_point(name: str) -> Callable[[], Task] | None:
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.name == name]
+    if not found:
+        return None
+    try:
+        factory = found[0].load()
+    except Exception as exc:  # noqa: BLE001 - one line naming the entry point
+        raise ImportError(f"task {name!r} ({found[0].value}, entry point group {ENTRY_POINT_GROUP}) "
+                          f"does not load: {type(exc).__name__}: {exc}") from exc
+    register_task(name, factory)
+    return factory
 
 
 class UnknownTaskError(KeyError):
@@ -176,13 +196,16 @@ class UnknownTaskError(KeyError):
 
 
 def get_task(name: str) -> Task:
-    if name not in _FACTORIES:
-        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {sorted(_FACTORIES)}")
+    if name not in _FACTORIES and _from_entry_point(name) is None:
+        raise UnknownTaskError(f"unknown task {name!r}; known tasks: {task_names()}")
     return _FACTORIES[name]()
 
 
 def task_names() -> list[str]:
-    return sorted(_FACTORIES)
+    """Built-in and registered tasks, and those of installed packages' ``tandem.tasks`` entry points."""
+    from importlib.metadata import entry_points
+
+    return sorted(set(_FACTORIES) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
 
 
 # -- task files ---------------------------------------------------------------------------------
