@@ -8,7 +8,7 @@ this module rebuilds a program from it, which needs the layers above the
 program: the program's class (imported again from the task file that defines
 it, when ``program_file`` names one, so the program loads from any directory
 while the file stays where it was), its models (``tandem.lm.registry``) and
-its adapters (checked against their base model, ``tandem.train.adapter``). A
+its adapters (checked against their base model, ``tandem.lm.identity``). A
 program whose constructor needs arguments (a retriever, say) is rebuilt by
 the caller and passed in: ``load_program(dir, program=MultiHopQA(retriever))``.
 """
@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tandem.lm.identity import check_adapter_base
+from tandem.lm.protocol import TrainableLM
 from tandem.lm.registry import get_lm
 from tandem.program.module import Module
 from tandem.program.program_file import (
@@ -107,11 +109,11 @@ def _build_lm(ref: dict, directory: Path, built: dict, options: dict):
             raise ProgramFileError(f"adapter folder {apath} named in program.json is missing")
         key = f"{base_key}+{apath.resolve()}"
         if key not in built:
-            model_dir = getattr(lm, "model_dir", None)
-            if model_dir is not None and (Path(model_dir) / "config.json").exists():
-                from tandem.train.adapter import check_adapter_base  # here: ``import tandem`` stays light
-
-                check_adapter_base(apath, model_dir)
+            if not isinstance(lm, TrainableLM):
+                raise ProgramFileError(f"program.json gives {spec} the adapter {apath}, but that backend serves "
+                                       "no adapters (it is not a tandem.lm.protocol.TrainableLM)")
+            if lm.model_dir is not None and (Path(lm.model_dir) / "config.json").exists():
+                check_adapter_base(apath, lm.model_dir)
             built[key] = lm.with_adapter(apath)
         lm = built[key]
     return lm
