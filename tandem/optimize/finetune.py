@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from tandem.evaluate.evaluate import Metric, evaluate
-from tandem.lm.base import LM, Usage
+from tandem.lm.protocol import LM, TrainableLM, Usage
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset
 from tandem.optimize.balance import balance_runs, check_balance
 from tandem.optimize.bootstrap import bootstrap, check_bootstrap_settings
@@ -80,7 +80,7 @@ def _written(value: object) -> bool:
 
 def _base_lm(lm: LM) -> LM:
     """The LM without its adapter (fresh LoRAs are trained on base weights)."""
-    if getattr(lm, "adapter", None) is not None and hasattr(lm, "with_adapter"):
+    if isinstance(lm, TrainableLM) and lm.adapter is not None:
         return lm.with_adapter(None)
     return lm
 
@@ -191,7 +191,7 @@ class BootstrapFinetune:
         for gi, (key, examples) in enumerate(sorted(groups.items())):
             names = sorted({ex.module for ex in examples})
             base = _base_lm(preds[names[0]].get_lm())
-            model_dir = getattr(base, "model_dir", None)
+            model_dir = base.model_dir if isinstance(base, TrainableLM) else None
             if model_dir is None:
                 raise TypeError(f"{base!r} cannot be fine-tuned locally: it has no local checkpoint (model_dir)")
             cfg = self.config if self.config.seed == seed else _with_seed(self.config, seed)

@@ -52,7 +52,7 @@ from pathlib import Path
 
 from tandem.evaluate.evaluate import Metric, run_example
 from tandem.fileio import write_json
-from tandem.lm.base import LM, Usage
+from tandem.lm.protocol import LM, TrainableLM, Usage
 from tandem.optimize import grpo_checkpoint as checkpoint
 from tandem.optimize.base import CompileResult, Progress, StepRecord, check_dataset, report
 from tandem.optimize.grpo_settings import GRPOSettings
@@ -93,7 +93,7 @@ def module_weights(items: list[PolicyItem]) -> list[PolicyItem]:
 
 
 def _base_lm(lm: LM) -> LM:
-    return lm.with_adapter(None) if getattr(lm, "adapter", None) is not None and hasattr(lm, "with_adapter") else lm
+    return lm.with_adapter(None) if isinstance(lm, TrainableLM) and lm.adapter is not None else lm
 
 
 class GRPO:
@@ -286,7 +286,7 @@ class GRPO:
         for name, p in preds.items():
             lm = p.get_lm()
             base = _base_lm(lm)
-            if getattr(base, "model_dir", None) is None:
+            if not isinstance(base, TrainableLM) or base.model_dir is None:
                 raise TypeError(f"{base!r} cannot be trained by the RL step: it has no local checkpoint (model_dir)")
             key = name if self.settings.per_module else base.fingerprint()
             g = groups.setdefault(key, {"base": base, "modules": [], "adapters": set()})
