@@ -252,7 +252,7 @@ def test_the_weight_step_trains_across_processes_with_lora_processes(tiny_model_
     def any_reply(ex, pred, trace=None):  # the tiny model is random: every trace passes
         return True
 
-    prog = Mod3().set_lm(HFLM(tiny_model_dir, cache=False))
+    prog = Mod3().set_lm(HFLM(tiny_model_dir))
     config = replace(CONFIG, epochs=1, batch_size=2, processes=2)
     step = BootstrapFinetune(any_reply, config=config, attempts=1, hint_attempts=0, num_threads=4)
     seen = []

@@ -22,6 +22,7 @@ import pytest
 from tandem.evaluate import evaluate
 from tandem.lm import Request, SamplingParams
 from tandem.lm.cache import CallCache
+from tandem.lm.caching import with_cache
 from tandem.lm.openai import OpenAILM
 from tandem.lm.vllm_server import VLLMServer
 from tandem.tasks.iris import IrisClassifier, iris_metric, load_iris, split_iris
@@ -44,7 +45,7 @@ def reference(iris_dev):
     pytest.importorskip("vllm")
     from tandem.lm.vllm import VLLM, shutdown_engines
 
-    lm = VLLM(MODEL, cache=False)
+    lm = VLLM(MODEL)
     p = IrisClassifier().classify
     reqs = [p.request(ex.inputs(), lm) for ex in iris_dev[:N_REF]]
     outs = [lm.complete(r) for r in reqs]
@@ -119,7 +120,7 @@ def test_server_killed_mid_evaluation_loses_no_finished_call(server, iris_dev, t
     """Kill -9 during an evaluation: the rest fail as 'lm' with a clear error; after a
     restart, every call that had finished comes from the cache and the rest are answered."""
     cache = CallCache(tmp_path / "calls.sqlite")
-    lm = _lm(server, cache=cache, max_concurrency=2, max_retries=2, backoff=0.3)
+    lm = with_cache(_lm(server, max_concurrency=2, max_retries=2, backoff=0.3), cache)
     data = iris_dev[8:28]
     program = IrisClassifier().set_lm(lm)
     box: dict = {}
