@@ -93,6 +93,7 @@ def test_an_exception_in_the_waiting_thread_kills_the_started_processes():
     """A signal handler raising in the main thread (Ctrl-C, SIGTERM) ends the start and its processes."""
     import _thread
 
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # not a handler an earlier test left
     children: list = []
     started = threading.Event()
 
@@ -102,8 +103,11 @@ def test_an_exception_in_the_waiting_thread_kills_the_started_processes():
         _thread.interrupt_main()
 
     threading.Thread(target=interrupt, daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        watched_start(_hanging_start(children, started), "engine W", timeout=600)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            watched_start(_hanging_start(children, started), "engine W", timeout=600)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     for p in children:
         p.join(10)
         assert not p.is_alive()

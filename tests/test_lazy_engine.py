@@ -9,6 +9,7 @@ whose every request for an engine fails.
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 
@@ -81,6 +82,7 @@ def test_cached_evaluation_does_not_start_the_vllm_engine(tiny_model_dir, tmp_pa
         raise AssertionError("an engine was asked for")
 
     monkeypatch.setattr(pool, "get", no_engine)
+    monkeypatch.setattr(pool, "aborted", threading.Event())  # whatever an earlier test's abort() left
     again = evaluate(Echo().set_lm(with_cache(lm, cache)), DATA, metric, num_threads=6)
     assert _outcome(again) == _outcome(warm) and again.usage.cached_calls == again.usage.calls
     assert asked == []
