@@ -185,7 +185,7 @@ def test_adapter_served_by_the_server(server, reference, tmp_path):
 
     r = httpx.post(f"{server.url}/unload_lora_adapter", json={"lora_name": tuned.model}, timeout=30)
     assert r.status_code == 200, r.text
-    assert tuned.model not in tuned._served_models()
+    assert tuned.model not in tuned.served_models()
     assert tuned.complete(reqs[0]).text == a[0]  # 404 -> loaded again -> same answer
 
 

@@ -88,7 +88,10 @@ def start_llm_engine(model_dir: Path, options: dict, timeout: float,
     """Start vLLM's ``LLMEngine`` for ``model_dir`` under ``watched_start``."""
     from vllm import EngineArgs, LLMEngine
 
-    args = EngineArgs(model=str(model_dir), **options)
+    from tandem import quiet
+
+    # vLLM's weight-loading bar shows only when tandem shows libraries' progress (-v, TANDEM_LOG).
+    args = EngineArgs(model=str(model_dir), **{"use_tqdm_on_load": quiet.progress_bars(), **options})
     return watched_start(lambda: LLMEngine.from_engine_args(args), f"vLLM engine for {model_dir}", timeout, stop)
 
 
@@ -132,11 +135,18 @@ def watched_start(start: Callable[[], Any], what: str, timeout: float,
     except BaseException:  # a signal's exception in this (the main) thread: the start ends with it
         _kill_new(watched, before)
         raise
+    if problem is None and "error" in box:
+        # vLLM may notice a dead process (and raise) before the loop above looked again.
+        watched.add(reaper.children() - before)
+        dead = watched.dead()
+        if dead:
+            problem = f"its process {dead} died while it started"
     if problem is not None:
         _kill_new(watched, before)
         thread.join(2)  # vLLM notices its dead engine core and returns; a stuck start is a daemon thread
-        raise EngineStartError(f"{what}: {problem}; see the log above for the cause")
+        raise EngineStartError(f"{what}: {problem}; see the log above for the cause") from box.get("error")
     if "error" in box:
+        _kill_new(watched, before)
         raise box["error"]
     return box["engine"], sorted(reaper.children() - before)
 
