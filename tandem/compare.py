@@ -141,7 +141,7 @@ def model_label(program: Module) -> str:
     """The program's models, as ``backend:model[+adapter]``, comma-separated (``none`` without any)."""
     names = []
     for lm in program.lms():
-        ref = lm.spec() if hasattr(lm, "spec") else {"backend": type(lm).__name__, "model": lm.name}
+        ref = lm.spec()
         label = f"{ref.get('backend')}:{ref.get('model')}" + (f"+{Path(ref['adapter']).name}" if ref.get("adapter") else "")
         if label not in names:
             names.append(label)

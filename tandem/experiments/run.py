@@ -131,7 +131,7 @@ def start_program(cfg: RunConfig, task: Task, data: Any, lm):
     """The program a run starts from: the task's on ``lm``, or the saved one of ``cfg.program_from`` (its
     prompts, demos and adapter, on ``lm``'s model; it must be the task's program class and that model)."""
     program = task.make_program(data)
-    spec = lm.spec() if hasattr(lm, "spec") else {"backend": type(lm).__name__, "model": lm.name}
+    spec = lm.spec()
     model = f"{spec['backend']}:{spec['model']}"
     program_dir = check_program_from(cfg, task, data, model)
     if program_dir is not None:

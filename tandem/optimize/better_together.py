@@ -72,6 +72,7 @@ from typing import Callable
 
 from tandem.evaluate.evaluate import Metric, evaluate
 from tandem.fileio import write_json
+from tandem.lm.protocol import TrainableLM
 from tandem.optimize.base import CompileResult, Optimizer, Progress, StepRecord, check_dataset, check_optimizer
 from tandem.optimize.finetune import BootstrapFinetune
 from tandem.optimize.grpo import GRPO
@@ -341,9 +342,10 @@ class BetterTogether:
         history, programs = [], []
         lms: dict = {}
         for (name, p) in original.named_predictors():
-            if p.lm is not None and hasattr(p.lm, "spec"):
+            if p.lm is not None:
                 spec = p.lm.spec()
-                lms.setdefault(f"{spec['backend']}:{spec['model']}", p.lm if not spec.get("adapter") else p.lm.with_adapter(None))
+                base = p.lm.with_adapter(None) if spec.get("adapter") and isinstance(p.lm, TrainableLM) else p.lm
+                lms.setdefault(f"{spec['backend']}:{spec['model']}", base)
         for i, kind in enumerate([START, *self.steps]):
             d = run_dir / "steps" / f"{i:02d}-{kind}"
             if not (d / "record.json").exists():

@@ -291,7 +291,8 @@ class GRPO:
             key = name if self.settings.per_module else base.fingerprint()
             g = groups.setdefault(key, {"base": base, "modules": [], "adapters": set()})
             g["modules"].append(name)
-            g["adapters"].add(str(lm.adapter) if getattr(lm, "adapter", None) is not None else None)
+            adapter = lm.adapter if isinstance(lm, TrainableLM) else None
+            g["adapters"].add(str(adapter) if adapter is not None else None)
         for key, g in groups.items():
             adapters = g.pop("adapters")
             g["adapter"] = next(iter(adapters)) if len(adapters) == 1 else None

@@ -44,8 +44,7 @@ class ProgramFileError(ValueError):
 def lm_reference(lm) -> dict | None:
     if lm is None:
         return None
-    ref = lm.spec() if hasattr(lm, "spec") else {"backend": type(lm).__name__, "model": getattr(lm, "name", "")}
-    return dict(ref)
+    return dict(lm.spec())
 
 
 def save_program(program: "Module", directory: str | os.PathLike, *, seed: int | None = None, extra: dict | None = None) -> Path:
