@@ -27,6 +27,7 @@ from rich.markup import escape
 
 from tandem import __version__, quiet
 from tandem.interrupts import Interrupted, on_signals, shield_children
+from tandem.lm.protocol import LMUnavailable
 from tandem.cli_output import (chosen_text, console, error, note, paired_text, progress, result_table, steps_table,
                                stdout)
 
@@ -373,6 +374,12 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyError, ValueError, FileNotFoundError, ImportError) as exc:
         error(exc)
         return 2
+    except LMUnavailable as exc:  # every server down after the retries: the finished steps are on disk
+        error(exc)
+        if getattr(args, "resume", None) is not None:
+            note("the run directory keeps every finished step: run the same command with --resume once a "
+                 "server answers")
+        return 1
     except (Interrupted, KeyboardInterrupt) as exc:  # Ctrl-C or SIGTERM
         console.print("interrupted", soft_wrap=True)
         return exc.exit_code if isinstance(exc, Interrupted) else 130

@@ -13,7 +13,7 @@ import pytest
 
 from tandem import ChainOfThought, Example, Module
 from tandem.evaluate import evaluate
-from tandem.lm import LMError, Prompt, Request, SamplingParams
+from tandem.lm import LMError, LMUnavailable, Prompt, Request, SamplingParams
 from tandem.lm.base import ContextLengthError
 from tandem.lm.cache import CallCache
 from tandem.lm.caching import with_cache
@@ -30,8 +30,11 @@ class ScriptedServer:
     JSON, or a str sent as is), ``headers``, ``delay`` (seconds).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0, models: tuple[str, ...] = ("served-model",)) -> None:
         self.requests: list[tuple[str, dict | None, dict]] = []
+        self.models = list(models)
+        self.gets = 0
+        self.dead = False
         self.plan: list[dict] = []
         self.rule = None
         self.delay = 0.0
@@ -63,14 +66,27 @@ class ScriptedServer:
                 except (BrokenPipeError, ConnectionResetError):
                     pass
 
+            def _drop(self) -> None:
+                """A killed server: the connection goes without a reply."""
+                self.close_connection = True
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
             def do_GET(self):
+                if server.dead:
+                    return self._drop()
+                server.gets += 1
                 if self.path.endswith("/models"):
-                    ids = ["served-model", *server.loras]
+                    ids = [*server.models, *server.loras]
                     self._send(200, {"object": "list", "data": [{"id": i, "object": "model"} for i in ids]})
                 else:
                     self._send(404, {"error": "not found"})
 
             def do_POST(self):
+                if server.dead:
+                    return self._drop()
                 n = int(self.headers.get("Content-Length") or 0)
                 raw = self.rfile.read(n).decode()
                 try:
@@ -101,10 +117,12 @@ class ScriptedServer:
                     with server._lock:
                         action = server.plan.pop(0) if server.plan else {}
                 time.sleep(action.get("delay", server.delay))
+                if server.dead:
+                    return self._drop()
                 if "status" in action and action["status"] != 200 or "body" in action:
                     return self._send(action.get("status", 200), action.get("body", ""), action.get("headers"))
                 model = body.get("model")
-                if model not in ("served-model", *server.loras):
+                if model not in (*server.models, *server.loras):
                     return self._send(404, {"error": {"message": f"The model `{model}` does not exist."}})
                 text = server.reply(body)
                 usage = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
@@ -116,7 +134,7 @@ class ScriptedServer:
                     return self._send(404, {"error": "not found"})
                 self._send(200, {"id": "x", "object": "completion", "model": model, "choices": [choice], "usage": usage})
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
@@ -129,6 +147,11 @@ class ScriptedServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+    def kill(self) -> None:
+        """As SIGKILL: requests in flight and on open connections get no reply, new connections are refused."""
+        self.dead = True
+        self.close()
 
 
 @pytest.fixture
@@ -323,12 +346,14 @@ def test_evaluate_counts_server_failures_without_crashing(server):
     assert server.url in bad.error and "HTTP 500" in bad.error
 
 
-def test_evaluate_against_a_dead_server_counts_every_example():
-    lm = OpenAILM("m", base_url=f"http://127.0.0.1:{_free_port()}/v1", max_retries=1, backoff=0.01)
-    data = [Example(petal_length=str(i), species="setosa").with_inputs("petal_length") for i in range(4)]
-    result = evaluate(Iris().set_lm(lm), data, lambda ex, pred: 1.0, num_threads=4)
-    assert result.failures == {"lm": 4} and result.score == 0
-    assert all("cannot connect" in r.error for r in result.records)
+def test_evaluate_against_a_dead_server_stops_with_the_error():
+    """A server that is down is no example's failure: the evaluation stops instead of scoring 0."""
+    url = f"http://127.0.0.1:{_free_port()}/v1"
+    lm = OpenAILM("m", base_url=url, max_retries=1, backoff=0.01)
+    data = [Example(petal_length=str(i), species="setosa").with_inputs("petal_length") for i in range(40)]
+    with pytest.raises(LMUnavailable, match="cannot connect.*is the server running") as info:
+        evaluate(Iris().set_lm(lm), data, lambda ex, pred: 1.0, num_threads=4)
+    assert isinstance(info.value, ServerUnavailable) and url in str(info.value)
 
 
 def test_call_cache_hits_skip_the_server(server, tmp_path):

@@ -4,7 +4,10 @@ Every example runs in its own thread, so the LM backend receives many
 requests at once (vLLM batches them continuously). Failures are counted
 apart from wrong answers: a reply that does not parse, an exception in the
 program, a metric that raises or returns a non-number. A failed example
-scores 0 and keeps its error message; it never stops the evaluation.
+scores 0 and keeps its error message; it never stops the evaluation. What
+stops it is ``LMUnavailable``, a model that cannot be reached at all (every
+server down after the retries): the examples not started are dropped and the
+error is raised, so a run stops instead of scoring the rest 0.
 The metric is called as ``metric(example, prediction, None)`` here (or
 without the third argument if it takes none); bootstrapping passes the trace.
 
@@ -24,6 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterable
 
 from tandem.lm.base import ContextLengthError, LMError, Usage
+from tandem.lm.protocol import LMUnavailable
 from tandem.program.example import Example, Prediction
 from tandem.program.module import Module
 from tandem.program.render import ParseError
@@ -122,7 +126,8 @@ def run_example(
     program: Module, example: Example, metric: Metric | None, index: int = 0, keep_trace: bool = False,
     *, metric_trace: bool = False,
 ) -> tuple[Record, Trace]:
-    """Run one example under a trace; never raises for the example's own errors.
+    """Run one example under a trace; never raises for the example's own errors (``LMUnavailable``,
+    a model that cannot be reached at all, is raised).
 
     The metric receives the trace when ``metric_trace`` is set (optimizers
     bootstrapping) and ``None`` otherwise (evaluation), as in DSPy. An
@@ -132,6 +137,8 @@ def run_example(
     with trace(program) as t:
         try:
             pred = program(**example.inputs())
+        except LMUnavailable:
+            raise
         except Exception as exc:  # noqa: BLE001 - counted, not raised
             kind = classify_failure(exc)
             rec = Record(index, dict(example), None, 0.0, kind, f"{type(exc).__name__}: {exc}")
@@ -176,12 +183,16 @@ def evaluate(
         return rec
 
     with ThreadPoolExecutor(max_workers=max(1, min(num_threads, len(examples) or 1))) as pool:
-        for rec in pool.map(work, range(len(examples))):
-            records[rec.index] = rec
-            usage.merge(rec.usage)
-            done += 1
-            if progress is not None:
-                progress(done, len(examples))
+        try:
+            for rec in pool.map(work, range(len(examples))):
+                records[rec.index] = rec
+                usage.merge(rec.usage)
+                done += 1
+                if progress is not None:
+                    progress(done, len(examples))
+        except LMUnavailable:
+            pool.shutdown(wait=True, cancel_futures=True)  # the examples not started never start
+            raise
     wall = time.perf_counter() - start
     recs = [r for r in records if r is not None]
     failures: dict[str, int] = {}

@@ -2,10 +2,10 @@
 
 from tandem.lm.fake import FakeLM
 from tandem.lm.protocol import (
-    LM, Completion, ContextLengthError, LMError, Prompt, Request, SamplingParams, TrainableLM, Usage,
+    LM, Completion, ContextLengthError, LMError, LMUnavailable, Prompt, Request, SamplingParams, TrainableLM, Usage,
 )
 
 __all__ = [
-    "LM", "Completion", "ContextLengthError", "FakeLM", "LMError", "Prompt", "Request",
+    "LM", "Completion", "ContextLengthError", "FakeLM", "LMError", "LMUnavailable", "Prompt", "Request",
     "SamplingParams", "TrainableLM", "Usage",
 ]

@@ -20,10 +20,17 @@ Requests go out at once, up to ``max_concurrency`` in flight, from a thread
 pool sharing one ``httpx.Client``. Failures are retried by one policy
 (``tandem.lm.openai_http``: tenacity, ``Retry-After`` honoured); errors are
 ``LMError`` subclasses naming the URL, the model, the start of the prompt and
-the server's reply.
+the server's reply. The body and the reply: ``tandem.lm.openai_wire``.
 
-The call cache (``get_lm``) is keyed by ``fingerprint()``: the server URL,
-the model name (the served LoRA name for adapters, which contains the
+A fleet: ``base_url`` may name several servers of the same model (a list, or
+URLs separated by commas). Each request goes to the least busy one; a server
+that stops answering is taken out, its requests go to the others, and it is
+checked again after a cool-down (``tandem.lm.openai_fleet``). One URL is a
+fleet of one.
+
+The call cache (``get_lm``) is keyed by ``fingerprint()``: the server URL
+(for a fleet, its sorted URLs: whichever server answered, the key is the
+same), the model name (the served LoRA name for adapters, which contains the
 adapter's content hash) and the endpoint. A server's model *name* does not
 identify its weights: if you restart a server on the same URL and name with
 different weights, pass ``cache=False`` or serve them under another name
@@ -31,8 +38,8 @@ different weights, pass ``cache=False`` or serve them under another name
 
 Weight steps: ``local_model`` (an embedded model name or a checkpoint dir,
 the weights the server runs) is ``model_dir``, so tandem trains LoRA adapters
-locally; ``with_adapter(dir)`` then serves the adapter from the server
-(``tandem.lm.openai_lora``).
+locally; ``with_adapter(dir)`` then serves the adapter from the server, from
+every server of a fleet (``tandem.lm.openai_lora``).
 """
 
 from __future__ import annotations
@@ -48,17 +55,19 @@ import tenacity
 
 from tandem.lm.chat import ChatTokenizer, render_completion_text
 from tandem.lm.identity import check_if_tandem_adapter
-from tandem.lm.openai_chat import PREFIX_MODES, RenderedPrompts, chat_messages, excerpt, strip_repeated_prefix
+from tandem.lm.openai_chat import PREFIX_MODES, RenderedPrompts, excerpt
+from tandem.lm.openai_fleet import Fleet, parse_base_urls
 from tandem.lm.openai_http import (  # noqa: F401 - the errors are part of this backend's API
-    RETRY_STATUS, AdapterNotServed, RequestRejected, RetryPolicy, Retryable, ServerError, ServerUnavailable,
-    Transport, last_failure, parse_retry_after, retrying, transport_failure,
+    AdapterNotServed, FleetMismatch, RequestRejected, RetryPolicy, ServerError, ServersDown, ServerUnavailable,
+    Transport, list_models, transport_failure,
 )
-from tandem.lm.openai_lora import ServedAdapters, served_adapter, served_models
-from tandem.lm.protocol import Completion, ContextLengthError, LMError, Prompt, Request, TrainableLM, check_fits
+from tandem.lm.openai_lora import ServedAdapters, served_adapter
+from tandem.lm.openai_wire import read_reply, request_body
+from tandem.lm.protocol import Completion, LMError, Prompt, Request, TrainableLM
 
 __all__ = [
-    "DEFAULT_BASE_URL", "AdapterNotServed", "Connection", "OpenAILM", "RequestRejected", "ServerError",
-    "ServerUnavailable",
+    "DEFAULT_BASE_URL", "AdapterNotServed", "Connection", "FleetMismatch", "OpenAILM", "RequestRejected",
+    "ServerError", "ServerUnavailable", "ServersDown",
 ]
 
 log = logging.getLogger(__name__)
@@ -67,24 +76,33 @@ DEFAULT_BASE_URL = "http://127.0.0.1:8000/v1"
 
 
 class Connection:
-    """What an ``OpenAILM`` shares with its adapter copies: the HTTP transport (made on first use),
-    the local tokenizer, the rendered prompts and the adapters the server has loaded."""
+    """What an ``OpenAILM`` shares with its adapter copies: the servers (a ``Fleet``), the HTTP
+    transport (made on first use), the local tokenizer, the rendered prompts and the adapters each
+    server has loaded."""
 
-    def __init__(self, chat: ChatTokenizer | None) -> None:
+    def __init__(self, chat: ChatTokenizer | None, urls: list[str], policy: RetryPolicy, *, max_concurrency: int,
+                 timeout: float, headers: dict[str, str], cooldown: float) -> None:
         self.chat = chat
         self.rendered = RenderedPrompts()
         self.adapters = ServedAdapters()
+        self.timeout = timeout
+        self._args = (max_concurrency, timeout, headers)
+        self.fleet = Fleet(urls, policy, list_models=self.list_models, cooldown=cooldown)
         self._transport: Transport | None = None
         self._lock = threading.Lock()
 
-    def transport(self, max_concurrency: int, timeout: float, headers: dict[str, str]) -> Transport:
+    def transport(self) -> Transport:
         t = self._transport
         if t is None or t.closed:
             with self._lock:
                 t = self._transport
                 if t is None or t.closed:
-                    t = self._transport = Transport(max_concurrency, timeout, headers)
+                    t = self._transport = Transport(*self._args)
         return t
+
+    def list_models(self, base_url: str) -> list[str] | None:
+        """The models the server at ``base_url`` lists (``tandem.lm.openai_fleet.list_models``)."""
+        return list_models(self.transport().client, base_url, min(self.timeout, 10.0))
 
     def close(self) -> None:
         with self._lock:
@@ -94,13 +112,13 @@ class Connection:
 
 
 class OpenAILM(TrainableLM):
-    """A model behind an OpenAI-compatible HTTP API. See the module docstring."""
+    """A model behind an OpenAI-compatible HTTP API, on one server or a fleet. See the module docstring."""
 
     def __init__(
         self,
         model: str,
         *,
-        base_url: str = DEFAULT_BASE_URL,
+        base_url: str | list[str] = DEFAULT_BASE_URL,
         api_key: str | None = None,
         endpoint: str | None = None,
         max_concurrency: int = 32,
@@ -108,6 +126,7 @@ class OpenAILM(TrainableLM):
         max_retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
+        cooldown: float = 5.0,
         local_model: str | os.PathLike | None = None,
         adapter: str | os.PathLike | None = None,
         prefix_mode: str = "continue",
@@ -123,7 +142,10 @@ class OpenAILM(TrainableLM):
             raise ValueError(f"prefix_mode must be one of {PREFIX_MODES}, not {prefix_mode!r}")
         if max_concurrency < 1:
             raise ValueError("max_concurrency must be at least 1")
-        self.base_url = base_url.rstrip("/")
+        if float(cooldown) <= 0:
+            raise ValueError(f"cooldown must be above 0 seconds, not {cooldown!r}")
+        self.base_urls = parse_base_urls(base_url)
+        self.base_url = ",".join(self.base_urls)  # one URL, or a fleet's URLs separated by commas
         self.base_model = str(model)
         self.endpoint = endpoint
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
@@ -142,11 +164,14 @@ class OpenAILM(TrainableLM):
         # What with_adapter passes on to a copy, the adapter aside.
         self.settings = dict(model=model, base_url=base_url, api_key=api_key, endpoint=endpoint,
                              max_concurrency=max_concurrency, timeout=timeout, max_retries=max_retries,
-                             backoff=backoff, max_backoff=max_backoff, local_model=local_model,
+                             backoff=backoff, max_backoff=max_backoff, cooldown=cooldown, local_model=local_model,
                              context_length=context_length, extra_body=extra_body)
         self._owns_connection = connection is None
         if connection is None:
-            connection = Connection(ChatTokenizer(self.model_dir) if self.model_dir is not None else None)
+            headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+            connection = Connection(ChatTokenizer(self.model_dir) if self.model_dir is not None else None,
+                                    self.base_urls, self.retry, max_concurrency=max_concurrency,
+                                    timeout=self.timeout, headers=headers, cooldown=float(cooldown))
         self.connection = connection
         self.adapter: Path | None = None
         self.adapter_name: str | None = None
@@ -159,21 +184,23 @@ class OpenAILM(TrainableLM):
 
     # -- identity ----------------------------------------------------------------
     def fingerprint(self) -> str:
-        return f"openai:{self.base_url}:{self.model}:{self.endpoint}"
+        """The server (a fleet: its URLs, sorted), the model name and the endpoint; never which server answered."""
+        return f"openai:{','.join(sorted(self.base_urls))}:{self.model}:{self.endpoint}"
 
     def spec(self) -> dict:
         return {
             "backend": "openai",
             # a served-by-name LoRA has no folder to save: it is the model to ask for
             "model": self.model if self.adapter is None else self.base_model,
-            "base_url": self.base_url,
+            "base_url": self.base_urls[0] if len(self.base_urls) == 1 else list(self.base_urls),
             "adapter": str(self.adapter) if self.adapter is not None else None,
             "endpoint": self.endpoint,
             "local_model": self.local_model,
         }
 
     def with_adapter(self, adapter: str | os.PathLike | None) -> "OpenAILM":
-        """The same server, settings and connection, asking for the LoRA ``adapter`` (a folder or a served name)."""
+        """The same servers, settings and connection, asking for the LoRA ``adapter`` (a folder or a served
+        name); every server loads it before its first request."""
         if adapter is not None and self.model_dir is not None and Path(adapter).is_dir():
             check_if_tandem_adapter(adapter, self.model_dir)
         return OpenAILM(**{**self.settings, "prefix_mode": self.prefix_mode, "adapter": adapter},
@@ -199,129 +226,75 @@ class OpenAILM(TrainableLM):
         return len(self.tokenize(text))
 
     # -- requests ----------------------------------------------------------------
-    def _transport(self) -> Transport:
-        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        return self.connection.transport(self.max_concurrency, self.timeout, headers)
-
-    def _payload(self, req: Request) -> tuple[str, dict]:
-        p = req.params
-        body: dict[str, Any] = {"model": self.model, "temperature": p.temperature}
-        max_tokens = p.max_tokens
-        if self.context_length is not None and self.connection.chat is not None:
-            max_tokens = check_fits(self.name, self.context_length, req, self.count_tokens(req.text))
-        body["max_tokens"] = max_tokens
-        if p.stop:
-            body["stop"] = list(p.stop)
-        if p.seed is not None:
-            body["seed"] = p.seed
-        if self.endpoint == "completions":
-            body["prompt"] = req.text
-            if self.connection.chat is not None and self.connection.chat.starts_with_bos(req.text):
-                # The text already holds BOS (from the chat template): don't add
-                # another, as the in-process engine doesn't (vLLM extension).
-                body["add_special_tokens"] = False
-            url = f"{self.base_url}/completions"
-        else:
-            msgs = chat_messages(req, self.connection.rendered, self.prefix_mode, self.name)
-            body["messages"] = msgs
-            if msgs[-1]["role"] == "assistant" and self.prefix_mode == "continue":
-                body["continue_final_message"] = True
-                body["add_generation_prompt"] = False
-            url = f"{self.base_url}/chat/completions"
-        body.update(self.extra_body)
-        return url, body
-
     def _describe(self, req: Request) -> str:
         return f"model {self.model!r}, prompt {excerpt(req.text)}"
 
     def call(self, req: Request) -> Completion:
-        """One request, retried; raises an LMError subclass when it cannot be answered."""
-        url, body = self._payload(req)
-        self._ensure_adapter()
-        reloaded = False
+        """One request, routed, retried and failed over; raises an LMError subclass when it cannot be answered."""
+        fleet = self.connection.fleet
+        if len(fleet.servers) > 1:
+            fleet.ensure_checked(self.base_model)
+        if self.adapter is not None:
+            fleet.everywhere(self.model, self._load_adapter)
         while True:
+            path, body = request_body(
+                req, model=self.model, endpoint=self.endpoint, chat=self.connection.chat,
+                rendered=self.connection.rendered, prefix_mode=self.prefix_mode, name=self.name,
+                context_length=self.context_length, extra_body=self.extra_body)
             try:
-                return self._post(url, body, req)
+                return fleet.send(lambda base: self._attempt(base, path, body, req), what=path,
+                                  describe=self._describe(req), model=self.model)
             except RequestRejected as exc:
-                if exc.status == 404 and self.adapter is not None and not reloaded:
-                    # The server lost the adapter (restarted): load it again, once.
-                    reloaded = True
-                    self.connection.adapters.forget(self.base_url, self.adapter_name)
-                    self._ensure_adapter()
-                    continue
                 if (exc.status == 400 and self.prefix_mode == "continue" and "continue_final_message" in body
                         and "continue_final_message" in str(exc)):
-                    log.warning("%s does not take continue_final_message; sending the prefix as a prefill", url)
+                    log.warning("%s does not take continue_final_message; sending the prefix as a prefill", exc.url)
                     self.prefix_mode = "prefill"
-                    url, body = self._payload(req)
                     continue
                 raise
 
-    def _post(self, url: str, body: dict, req: Request) -> Completion:
+    def _attempt(self, base_url: str, path: str, body: dict, req: Request) -> Completion:
+        """One try on one server; a server that lost the adapter (restarted) loads it again, once."""
+        self._load_adapter(base_url)
         try:
-            return retrying(self.retry, url)(self._post_once, url, body, req)
-        except tenacity.RetryError as err:
-            last, attempts = last_failure(err)
-        hint = ""
-        if last.status is None and "connect" in last.what:
-            hint = "; is the server running and is base_url right? (docs/servers.md)"
-        raise ServerUnavailable(
-            f"{url}: {last.what} (after {attempts} attempts; {self._describe(req)}){hint}",
-            url=url, status=last.status, attempts=attempts,
-        )
+            return self._post_once(base_url + path, body, req)
+        except RequestRejected as exc:
+            if exc.status != 404 or self.adapter is None:
+                raise
+        self.connection.adapters.forget(base_url, self.adapter_name)
+        self._load_adapter(base_url)
+        return self._post_once(base_url + path, body, req)
 
     def _post_once(self, url: str, body: dict, req: Request) -> Completion:
         import httpx
 
         try:
-            resp = self._transport().client.post(url, json=body)
+            resp = self.connection.transport().client.post(url, json=body)
         except httpx.TransportError as exc:
             raise transport_failure(exc, self.timeout) from None
-        status = resp.status_code
-        if status >= 400:
-            text = resp.text[:300]
-            if status in RETRY_STATUS or status >= 500:
-                raise Retryable(f"HTTP {status}: {text!r}", status, parse_retry_after(resp.headers.get("retry-after")))
-            msg = f"{url}: HTTP {status}: {text!r} ({self._describe(req)})"
-            low = text.lower()
-            if status == 400 and ("context length" in low or "context window" in low or "too long" in low):
-                raise ContextLengthError(msg)
-            raise RequestRejected(msg, url=url, status=status)
-        try:
-            data = resp.json()
-            choice = data["choices"][0]
-            text = choice["text"] if self.endpoint == "completions" else (choice["message"].get("content") or "")
-            if not isinstance(text, str):
-                raise TypeError(f"text is {type(text).__name__}")
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            raise Retryable(
-                f"HTTP {status} with an unreadable reply ({type(exc).__name__}: {exc}): {resp.text[:200]!r}", status
-            ) from None
-        if self.endpoint == "chat":
-            text = strip_repeated_prefix(text, req, self.prefix_mode)
-        usage = data.get("usage") or {}
-        prompt_tokens = usage.get("prompt_tokens")
-        output_tokens = usage.get("completion_tokens")
-        if not isinstance(prompt_tokens, int):
-            prompt_tokens = self.count_tokens(req.text)
-        if not isinstance(output_tokens, int):
-            output_tokens = self.count_tokens(text) if text else 0
-        return Completion(text, prompt_tokens, output_tokens, str(choice.get("finish_reason") or "stop"))
+        return read_reply(resp, req, url=url, endpoint=self.endpoint, prefix_mode=self.prefix_mode,
+                          describe=self._describe(req), count_tokens=self.count_tokens)
 
-    def served_models(self) -> list[str]:
-        """The model names the server lists (empty when it cannot say)."""
-        return served_models(self._transport(), self.base_url)
-
-    def _ensure_adapter(self) -> None:
+    def _load_adapter(self, base_url: str) -> None:
         if self.adapter is not None:
-            self.connection.adapters.ensure(self._transport, self.retry, self.base_url, self.adapter_name,
-                                            self.adapter, self.local_model or self.base_model)
+            self.connection.adapters.ensure(self.connection.transport, base_url, self.adapter_name, self.adapter,
+                                            self.local_model or self.base_model)
+
+    def served_models(self, base_url: str | None = None) -> list[str]:
+        """The model names a server lists (the first of a fleet by default; empty when it cannot say)."""
+        try:
+            return self.connection.list_models(base_url or self.base_urls[0]) or []
+        except Exception:  # noqa: BLE001 - only a hint
+            return []
+
+    def servers(self) -> list[dict]:
+        """Per server of the fleet: ``url``, requests ``answered``, failed tries, ``in_service`` and why not."""
+        return self.connection.fleet.stats()
 
     # -- protocol ----------------------------------------------------------------
     def submit(self, request: Request) -> Future:
         out: Future = Future()
         try:
-            inner = self._transport().pool.submit(self.call, request)
+            inner = self.connection.transport().pool.submit(self.call, request)
         except RuntimeError as exc:  # pool shut down by close() in between
             out.set_exception(LMError(f"{self.name} is closed: {exc}"))
             return out
@@ -338,38 +311,12 @@ class OpenAILM(TrainableLM):
         return out
 
     def start(self) -> None:
-        """Check that the server answers (retrying while it starts), and load the adapter."""
-        import httpx
-
-        url = f"{self.base_url}/models"
-
-        def check() -> None:
-            try:
-                resp = self._transport().client.get(url)
-            except httpx.TransportError as exc:
-                raise Retryable(f"{type(exc).__name__}: {exc}") from None
-            if resp.status_code == 404:
-                return  # a server without /models can still complete
-            if resp.status_code in (401, 403):
-                raise RequestRejected(f"{url}: HTTP {resp.status_code}: {resp.text[:200]!r}; set api_key or "
-                                      "OPENAI_API_KEY", url=url, status=resp.status_code)
-            if resp.status_code >= 400:
-                raise Retryable(f"HTTP {resp.status_code}: {resp.text[:200]!r}", resp.status_code)
-            try:
-                ids = [m.get("id") for m in (resp.json().get("data") or [])]
-            except ValueError:
-                return
-            if ids and self.model not in ids and self.adapter is None:
-                log.warning("%s serves %s, not %r; requests may fail", url, ids, self.model)
-
-        try:
-            retrying(self.retry, url)(check)
-        except tenacity.RetryError as err:
-            last, _ = last_failure(err)
-            raise ServerUnavailable(
-                f"{url}: the server does not answer ({last.what}); start it first (docs/servers.md)", url=url
-            ) from None
-        self._ensure_adapter()
+        """Check that every server answers and serves the model (retrying while they start;
+        ``tandem.lm.openai_fleet``), and load the adapter on every server."""
+        fleet = self.connection.fleet
+        fleet.check(self.base_model, patient=True)
+        if self.adapter is not None:
+            fleet.everywhere(self.model, self._load_adapter)
 
     def close(self) -> None:
         """Close the HTTP client and its threads, which adapter copies share (a copy closes nothing);

@@ -1,12 +1,14 @@
 """HTTP for the OpenAI-compatible backend: the client, its errors, and the one retry policy.
 
-``retrying(policy)`` is where every request to the server is retried (a
+``retrying(policy)`` is where every request to the servers is retried (a
 completion, loading an adapter, the start-up check), through tenacity: a
 ``Retryable`` failure (429, 5xx and the other transient statuses, timeouts,
 dropped connections, unreadable replies) is tried again up to
 ``policy.max_retries`` times with exponential backoff and jitter, or after
 the server's ``Retry-After`` when it sends one. Other failures are not
-retried. Errors are ``LMError`` subclasses naming the URL and the reply.
+retried. A fleet (``tandem.lm.openai_fleet``) passes its own ``stop`` and
+``skip_wait``: a retry that goes to another server that is in service does
+not wait. Errors are ``LMError`` subclasses naming the URL and the reply.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from typing import Callable
 
 import tenacity
 
-from tandem.lm.protocol import LMError
+from tandem.lm.protocol import LMError, LMUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -48,19 +51,30 @@ class RequestRejected(ServerError):
     """The server refused the request (a 4xx other than 408/409/425/429); not retried."""
 
 
+class ServersDown(ServerUnavailable, LMUnavailable):
+    """Retries ran out and no server (of one, or of a fleet) is in service: the run stops."""
+
+
 class AdapterNotServed(ServerError):
     """The server cannot serve the LoRA adapter (LoRA or runtime loading not enabled)."""
 
 
+class FleetMismatch(ServerError):
+    """The servers of a fleet do not serve the same model."""
+
+
 class Retryable(Exception):
     """A failure worth another try: ``what`` happened, the HTTP ``status`` (None: no reply), the
-    server's ``Retry-After`` in seconds."""
+    server's ``Retry-After`` in seconds; ``down``: the server is not there (refused or dropped
+    the connection), as opposed to slow or failing."""
 
-    def __init__(self, what: str, status: int | None = None, retry_after: float | None = None) -> None:
+    def __init__(self, what: str, status: int | None = None, retry_after: float | None = None, *,
+                 down: bool = False) -> None:
         super().__init__(what)
         self.what = what
         self.status = status
         self.retry_after = retry_after
+        self.down = down
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -84,8 +98,8 @@ def transport_failure(exc: Exception, timeout: float) -> Retryable:
     if isinstance(exc, httpx.TimeoutException):
         return Retryable(f"timed out after {timeout:g} s ({type(exc).__name__})")
     if isinstance(exc, httpx.ConnectError):
-        return Retryable(f"cannot connect ({exc})")
-    return Retryable(f"connection failed ({type(exc).__name__}: {exc})")
+        return Retryable(f"cannot connect ({exc})", down=True)
+    return Retryable(f"connection failed ({type(exc).__name__}: {exc})", down=True)
 
 
 @dataclass(frozen=True)
@@ -95,11 +109,17 @@ class RetryPolicy:
     max_backoff: float = 30.0
 
 
-def retrying(policy: RetryPolicy, what: str) -> tenacity.Retrying:
-    """A tenacity ``Retrying`` for ``policy``; it raises ``tenacity.RetryError`` when the tries run out."""
+def retrying(policy: RetryPolicy, what: str, *, stop: Callable[[tenacity.RetryCallState], bool] | None = None,
+             skip_wait: Callable[[], bool] | None = None) -> tenacity.Retrying:
+    """A tenacity ``Retrying`` for ``policy``; it raises ``tenacity.RetryError`` when the tries run out.
+
+    ``stop(state)``: when to give up instead of after ``policy.max_retries`` retries;
+    ``skip_wait()``: true when the next try may go at once (another server is free)."""
     expo = tenacity.wait_exponential(multiplier=policy.backoff, max=policy.max_backoff)
 
     def wait(state: tenacity.RetryCallState) -> float:
+        if skip_wait is not None and skip_wait():
+            return 0.0
         exc = state.outcome.exception() if state.outcome is not None else None
         after = getattr(exc, "retry_after", None)
         if after is not None:
@@ -113,7 +133,7 @@ def retrying(policy: RetryPolicy, what: str) -> tenacity.Retrying:
 
     return tenacity.Retrying(
         retry=tenacity.retry_if_exception_type(Retryable),
-        stop=tenacity.stop_after_attempt(policy.max_retries + 1),
+        stop=stop if stop is not None else tenacity.stop_after_attempt(policy.max_retries + 1),
         wait=wait,
         before_sleep=note,
     )
@@ -144,3 +164,26 @@ class Transport:
         self.closed = True
         self.pool.shutdown(wait=False, cancel_futures=True)
         self.client.close()
+
+
+def list_models(client, base_url: str, timeout: float) -> list[str] | None:
+    """The model ids a server lists at ``/models``; None when it has no such endpoint (it may still
+    complete). Raises ``Retryable`` when it does not answer, ``RequestRejected`` on 401/403."""
+    import httpx
+
+    url = f"{base_url}/models"
+    try:
+        resp = client.get(url, timeout=timeout)
+    except httpx.TransportError as exc:
+        raise transport_failure(exc, timeout) from None
+    if resp.status_code == 404:
+        return None
+    if resp.status_code in (401, 403):
+        raise RequestRejected(f"{url}: HTTP {resp.status_code}: {resp.text[:200]!r}; set api_key or OPENAI_API_KEY",
+                              url=url, status=resp.status_code)
+    if resp.status_code >= 400:
+        raise Retryable(f"HTTP {resp.status_code}: {resp.text[:200]!r}", resp.status_code)
+    try:
+        return [m.get("id") for m in (resp.json().get("data") or [])]
+    except (ValueError, AttributeError):
+        return None

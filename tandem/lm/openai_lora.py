@@ -2,7 +2,8 @@
 
 An adapter folder is loaded at run time through ``POST /v1/load_lora_adapter``
 (a server started with ``VLLM_ALLOW_RUNTIME_LORA_UPDATING=True``), once per
-server, under a name made of the folder name and its content hash, so a
+server (every server of a fleet, before the adapter's first request:
+``tandem.lm.openai_fleet``), under a name made of the folder name and its content hash, so a
 retrained adapter in the same folder is a new name. The server must be able
 to read the folder. A server without runtime loading may serve the adapter
 from its start (``--lora-modules NAME=PATH``); then it is asked for by name.
@@ -16,12 +17,9 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-import tenacity
-
 from tandem.lm.identity import checkpoint_fingerprint
 from tandem.lm.openai_http import (
-    RETRY_STATUS, AdapterNotServed, RetryPolicy, Retryable, ServerUnavailable, Transport, last_failure, retrying,
-    transport_failure,
+    RETRY_STATUS, AdapterNotServed, Retryable, Transport, list_models, transport_failure,
 )
 from tandem.lm.protocol import LMError
 
@@ -48,9 +46,11 @@ class ServedAdapters:
         """The server lost it (restarted): load it again at the next request."""
         self._loaded.discard(f"{base_url}|{name}")
 
-    def ensure(self, transport: Callable[[], Transport], policy: RetryPolicy, base_url: str, name: str,
-               folder: Path, hint_model: str) -> None:
-        """Load ``folder`` into the server at ``base_url`` as ``name``, once."""
+    def ensure(self, transport: Callable[[], Transport], base_url: str, name: str, folder: Path,
+               hint_model: str) -> None:
+        """Load ``folder`` into the server at ``base_url`` as ``name``, once. One try: ``Retryable`` when
+        it is worth another (the caller's retries, ``tandem.lm.openai_fleet``), ``AdapterNotServed``
+        when the server cannot serve it."""
         key = f"{base_url}|{name}"
         if key in self._loaded:
             return
@@ -59,53 +59,44 @@ class ServedAdapters:
         with lock:
             if key in self._loaded:
                 return
-            url = f"{base_url}/load_lora_adapter"
-            how = (
-                f"start the server with LoRA serving and runtime loading: VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
-                f"python -m vllm.entrypoints.openai.api_server --model {hint_model} "
-                f"--enable-lora --max-lora-rank 32 ..., or serve the adapter from the start with "
-                f"--enable-lora --lora-modules {name}={folder} (docs/servers.md)"
-            )
-
-            def load_once() -> None:
-                import httpx
-
-                try:
-                    resp = transport().client.post(url, json={"lora_name": name, "lora_path": str(folder)})
-                except httpx.TransportError as exc:
-                    raise transport_failure(exc, 0) from None
-                body = resp.text[:300]
-                if resp.status_code < 300 or "already been loaded" in body:
-                    return
-                if resp.status_code in (404, 405):
-                    if name in served_models(transport(), base_url):
-                        return
-                    raise AdapterNotServed(
-                        f"{url}: HTTP {resp.status_code}: the server has no runtime LoRA loading, and does not "
-                        f"serve {name!r}; {how}", url=url, status=resp.status_code,
-                    )
-                if resp.status_code in RETRY_STATUS and resp.status_code != 400:
-                    raise Retryable(f"HTTP {resp.status_code}: {body!r}", resp.status_code)
-                raise AdapterNotServed(
-                    f"{url}: loading adapter {folder} as {name!r} failed: HTTP {resp.status_code}: {body!r}; "
-                    f"the server must run with --enable-lora and a --max-lora-rank at least the adapter's "
-                    f"rank, and read the folder; {how}", url=url, status=resp.status_code,
-                )
-
-            try:
-                retrying(policy, url)(load_once)
-            except tenacity.RetryError as err:
-                last, attempts = last_failure(err)
-                raise ServerUnavailable(f"{url}: cannot load adapter {name!r}: {last.what}", url=url,
-                                        status=last.status, attempts=attempts) from None
+            _load(transport, base_url, name, folder, hint_model)
             self._loaded.add(key)
             logging.getLogger(__name__).info("server %s serves adapter %s as %r", base_url, folder, name)
 
 
-def served_models(transport: Transport, base_url: str) -> list[str]:
-    """The model names the server lists (empty when it cannot say)."""
+def _load(transport: Callable[[], Transport], base_url: str, name: str, folder: Path, hint_model: str) -> None:
+    """``POST /load_lora_adapter`` once (see ``ServedAdapters.ensure``)."""
+    import httpx
+
+    url = f"{base_url}/load_lora_adapter"
+    how = (
+        f"start the server with LoRA serving and runtime loading: VLLM_ALLOW_RUNTIME_LORA_UPDATING=True "
+        f"python -m vllm.entrypoints.openai.api_server --model {hint_model} "
+        f"--enable-lora --max-lora-rank 32 ..., or serve the adapter from the start with "
+        f"--enable-lora --lora-modules {name}={folder} (docs/servers.md)"
+    )
     try:
-        resp = transport.client.get(f"{base_url}/models")
-        return [m.get("id") for m in resp.json().get("data", [])]
-    except Exception:  # noqa: BLE001 - only a hint
-        return []
+        resp = transport().client.post(url, json={"lora_name": name, "lora_path": str(folder)})
+    except httpx.TransportError as exc:
+        raise transport_failure(exc, 0) from None
+    body = resp.text[:300]
+    if resp.status_code < 300 or "already been loaded" in body:
+        return
+    if resp.status_code in (404, 405):
+        try:
+            listed = list_models(transport().client, base_url, 10.0) or []
+        except (Retryable, LMError):
+            listed = []
+        if name in listed:
+            return
+        raise AdapterNotServed(
+            f"{url}: HTTP {resp.status_code}: the server has no runtime LoRA loading, and does not "
+            f"serve {name!r}; {how}", url=url, status=resp.status_code,
+        )
+    if resp.status_code in RETRY_STATUS and resp.status_code != 400:
+        raise Retryable(f"loading adapter {name!r}: HTTP {resp.status_code}: {body!r}", resp.status_code)
+    raise AdapterNotServed(
+        f"{url}: loading adapter {folder} as {name!r} failed: HTTP {resp.status_code}: {body!r}; "
+        f"the server must run with --enable-lora and a --max-lora-rank at least the adapter's "
+        f"rank, and read the folder; {how}", url=url, status=resp.status_code,
+    )

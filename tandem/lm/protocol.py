@@ -68,6 +68,11 @@ class ContextLengthError(LMError):
     """The prompt does not fit into the model's context window."""
 
 
+class LMUnavailable(LMError):
+    """The model cannot be reached at all (every server down after the retries): not one request's
+    failure. Evaluations and runs stop on it instead of scoring the example 0."""
+
+
 @dataclass
 class Usage:
     calls: int = 0
