@@ -96,18 +96,21 @@ def test_a_server_killed_mid_batch_loses_nothing_and_counts_nothing_twice(two, c
 
 def test_a_server_that_comes_back_is_readmitted_after_its_cooldown(two):
     a, b = two
-    lm = _fleet(two, cooldown=4.0)
+    lm = _fleet(two, cooldown=4.0, max_concurrency=2)
     port = a.port
+    b.delay = 0.1
     a.kill()
     t0 = time.monotonic()
     lm.generate([Request(f"p{i}") for i in range(10)])
+    taken_out = time.monotonic()  # at the latest
     assert _answered(lm)[b.url] == 10
     back = ScriptedServer(port=port)  # restarted on the same address
+    back.delay = 0.1
     try:
         lm.generate([Request(f"q{i}") for i in range(10)])
         assert time.monotonic() - t0 < 4.0, "too slow to test the cool-down"
         assert not back.posts() and back.gets == 0  # still cooling down: not even checked
-        time.sleep(max(0.0, 4.2 - (time.monotonic() - t0)))
+        time.sleep(max(0.0, 4.2 - (time.monotonic() - taken_out)))
         lm.generate([Request(f"r{i}") for i in range(10)])
         assert back.gets >= 1  # checked (GET /models) before it got requests again
         assert len(back.posts()) >= 3
