@@ -55,6 +55,15 @@ def test_base_url_forms_and_identity(two):
     assert via_registry.base_urls == [a.url, b.url]
 
 
+def test_a_saved_program_keeps_its_fleet(two, tmp_path):
+    from tandem.persist import load_program
+
+    prog = Mod3().set_lm(_fleet(two))
+    prog.save(tmp_path / "saved")
+    again = load_program(tmp_path / "saved", program=Mod3()).solve.lm
+    assert again.base_urls == [s.url for s in two] and again.fingerprint() == _fleet(two).fingerprint()
+
+
 def test_requests_go_to_the_server_with_fewest_in_flight(two):
     a, b = two
     a.delay = b.delay = 1.0  # every request is in flight before the first answer
