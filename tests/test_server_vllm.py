@@ -8,7 +8,9 @@ never hold memory at the same time.
 
 The restart test kills the server in the middle of an evaluation and starts
 it again with LoRA serving on (``--enable-lora``, runtime loading), which the
-adapter test then uses.
+adapter test then uses. The fleet test starts one more server like it, makes
+the two one fleet (adapters on both, then SIGKILL to the second during an
+evaluation) and stops it.
 """
 
 from __future__ import annotations
@@ -154,11 +156,9 @@ def test_server_killed_mid_evaluation_loses_no_finished_call(server, iris_dev, t
     assert second.usage.cached_calls >= finished_calls  # every finished call was a hit
 
 
-def test_adapter_served_by_the_server(server, reference, tmp_path):
-    """A LoRA folder loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING) answers, and is loaded
-    again when the server has lost it (as after a restart)."""
-    if server.proc is None:
-        pytest.skip("needs the LoRA server of the restart test")
+@pytest.fixture(scope="module")
+def lora_dir(tmp_path_factory):
+    """A random LoRA of the model (r=8 on q_proj and v_proj), saved by peft."""
     torch = pytest.importorskip("torch")
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -169,10 +169,18 @@ def test_adapter_served_by_the_server(server, reference, tmp_path):
     base = AutoModelForCausalLM.from_pretrained(resolve_model(MODEL), dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
                                                  init_lora_weights=False))
-    adir = tmp_path / "adapter"
+    adir = tmp_path_factory.mktemp("lora") / "adapter"
     peft_model.save_pretrained(adir)
     del peft_model, base
+    return adir
 
+
+def test_adapter_served_by_the_server(server, reference, lora_dir):
+    """A LoRA folder loaded at run time (VLLM_ALLOW_RUNTIME_LORA_UPDATING) answers, and is loaded
+    again when the server has lost it (as after a restart)."""
+    if server.proc is None:
+        pytest.skip("needs the LoRA server of the restart test")
+    adir = lora_dir
     lm = _lm(server, max_concurrency=1)  # one at a time: the same batches every time
     tuned = lm.with_adapter(adir)
     # short replies: LoRA requests decode at a few tokens/s on a loaded 2-core CPU
@@ -191,6 +199,59 @@ def test_adapter_served_by_the_server(server, reference, tmp_path):
     assert r.status_code == 200, r.text
     assert tuned.model not in tuned.served_models()
     assert tuned.complete(reqs[0]).text == a[0]  # 404 -> loaded again -> same answer
+
+
+def test_fleet_of_two_servers_loads_adapters_everywhere_and_survives_a_kill(server, reference, iris_dev, lora_dir,
+                                                                            tmp_path_factory):
+    """The module's server and one more (LoRA, no prefix caching, as the module's after its restart) as
+    one fleet. An adapter is loaded on both before its first request and answers as on one server.
+    Then SIGKILL the second server while it answers a request in the middle of an Iris evaluation:
+    that request goes to the first server, every example is answered, and the score equals the
+    one-server score (greedy, no call cache; one request at a time on both sides, so every
+    request is computed alone, as on one server)."""
+    if server.proc is None:
+        pytest.skip("needs the LoRA server of the restart test")
+    second = VLLMServer(MODEL, log=tmp_path_factory.mktemp("vllm-server-2"), kv_cache_gb=1)
+    second.start(lora=True, prefix_caching=False, timeout=900)
+    try:
+        fleet = OpenAILM(MODEL, base_url=[server.url, second.url], local_model=MODEL, max_concurrency=2)
+        fleet.start()  # both serve the model
+
+        tuned = fleet.with_adapter(lora_dir)
+        reqs = [Request(r.text, SamplingParams(max_tokens=16), r.prompt) for r, _ in reference[:2]]
+        on_fleet = [c.text for c in tuned.generate(reqs)]  # one request on each server
+        for url in (server.url, second.url):
+            assert tuned.model in tuned.served_models(url)  # loaded on every server
+        on_one = [c.text for c in _lm(server, max_concurrency=1).with_adapter(lora_dir).generate(reqs)]
+        assert on_fleet == on_one
+
+        data = iris_dev[:16]
+        one = evaluate(IrisClassifier().set_lm(_lm(server, max_concurrency=1)), data, iris_metric, num_threads=1)
+        assert one.n == 16 and "lm" not in one.failures
+        box: dict = {}
+        program = IrisClassifier().set_lm(fleet)
+        th = threading.Thread(target=lambda: box.update(r=evaluate(program, data, iris_metric, num_threads=1)))
+        before = {row["url"]: row["answered"] for row in fleet.servers()}
+        th.start()
+        t0 = time.monotonic()
+        while th.is_alive() and time.monotonic() - t0 < 600:
+            row = next(r for r in fleet.servers() if r["url"] == second.url)
+            if row["answered"] - before[second.url] >= 2 and row["in_flight"]:
+                break
+            time.sleep(0.01)
+        assert th.is_alive(), "evaluation finished before the server could be killed"
+        second.kill()  # with a request in flight
+        th.join(timeout=900)
+        got = box["r"]
+        assert got.n == 16 and "lm" not in got.failures, got.failures  # every example answered
+        stats = {row["url"]: row for row in fleet.servers()}
+        assert not stats[second.url]["in_service"] and stats[server.url]["in_service"]
+        assert stats[second.url]["failures"] >= 1  # the request in flight failed there and was sent again
+        assert got.score == one.score
+        assert [r.prediction for r in got.records] == [r.prediction for r in one.records]
+        assert got.usage.calls == one.usage.calls  # the request sent again is counted once
+    finally:
+        second.stop()
 
 
 def test_weight_step_adapter_served_by_the_server_matches_the_in_process_engine(server, reference, iris_dev,

@@ -287,7 +287,8 @@ class OpenAILM(TrainableLM):
             return []
 
     def servers(self) -> list[dict]:
-        """Per server of the fleet: ``url``, requests ``answered``, failed tries, ``in_service`` and why not."""
+        """Per server of the fleet: ``url``, requests ``answered``, ``failures`` (tries), ``in_flight``,
+        ``in_service`` and ``reason`` (why not)."""
         return self.connection.fleet.stats()
 
     # -- protocol ----------------------------------------------------------------

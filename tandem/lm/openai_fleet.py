@@ -126,10 +126,11 @@ class Fleet:
         return [s.url for s in self.servers]
 
     def stats(self) -> list[dict]:
-        """Per server: its URL, requests answered, failed tries, whether it is in service and why not."""
+        """Per server: its URL, requests answered, failed tries, requests in flight, whether it is in
+        service and why not."""
         with self._lock:
-            return [{"url": s.url, "answered": s.answered, "failures": s.failures, "in_service": s.in_service,
-                     "reason": s.reason} for s in self.servers]
+            return [{"url": s.url, "answered": s.answered, "failures": s.failures, "in_flight": s.in_flight,
+                     "in_service": s.in_service, "reason": s.reason} for s in self.servers]
 
     # -- the start-up check ------------------------------------------------------------
     def check(self, model: str, *, patient: bool) -> None:
