@@ -38,7 +38,8 @@ module-level object that holds state and is not in this list):
 Read from the environment when used, not at import: ``TANDEM_HOME``,
 ``TANDEM_CACHE``, ``TANDEM_DATA`` (where task data is looked for),
 ``OPENAI_API_KEY``, and for the vLLM engines ``TANDEM_MAX_ENGINES``,
-``TANDEM_RELOAD_WEIGHTS`` and ``TANDEM_ENGINE_START_TIMEOUT``. The CLI and
+``TANDEM_RELOAD_WEIGHTS``, ``TANDEM_ENGINE_START_TIMEOUT`` and
+``TANDEM_MAX_MERGED`` (merged checkpoints kept under ``TANDEM_HOME/merged``). The CLI and
 the vLLM backend set defaults for the libraries' own variables
 (``VLLM_LOGGING_LEVEL`` and the like) with ``os.environ.setdefault``, so a
 value the user set wins. Context variables

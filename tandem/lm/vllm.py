@@ -11,7 +11,8 @@ Adapters are served one of two ways (``adapter_mode``):
 - ``"lora"``: the base engine with ``enable_lora`` and a LoRARequest per call;
   no extra engine, best on GPUs;
 - ``"merge"``: the adapter merged into a copy of the weights (cached under
-  ``TANDEM_HOME/merged``), served by loading that copy into the engine;
+  ``TANDEM_HOME/merged``, the newest ``TANDEM_MAX_MERGED`` kept:
+  ``tandem.lm.merged_cache``), served by loading that copy into the engine;
   faster than LoRA requests on CPUs (docs/design.md), so it is the default
   there.
 
@@ -29,11 +30,11 @@ from pathlib import Path
 
 from tandem.lm.hardware import cpu_dtype, cuda_available
 from tandem.lm.identity import checkpoint_fingerprint
+from tandem.lm.merged_cache import merged_checkpoint
 from tandem.lm.models import resolve_model
 from tandem.lm.protocol import LMError, Prompt, Request, TrainableLM, check_fits
 from tandem.lm.vllm_engine import Engine, EngineClosed, EngineStartError  # noqa: F401 - part of this backend's API
 from tandem.lm.vllm_pool import EngineGroup, abort, engine_stats, pool, shutdown_engines  # noqa: F401 - as above
-from tandem.settings import tandem_home
 
 __all__ = [
     "CPU_BLOCK_SIZE", "VLLM", "Engine", "EngineClosed", "EngineGroup", "EngineStartError", "abort", "cpu_env",
@@ -139,13 +140,7 @@ class VLLM(TrainableLM):
             return self.model_dir
         # Merged copies live in the cache, not in the adapter folder: the
         # adapter stays a plain PEFT folder that saves and ships small.
-        key = f"{checkpoint_fingerprint(self.model_dir)}-{checkpoint_fingerprint(self.adapter)}"
-        merged = tandem_home() / "merged" / key
-        if not (merged / "config.json").exists():
-            from tandem.lm.merge import merge_adapter
-
-            merge_adapter(self.model_dir, self.adapter, merged)
-        return merged
+        return merged_checkpoint(self.model_dir, self.adapter)
 
     def engine(self) -> Engine:
         """The running engine serving this LM's weights (started or reloaded if need be)."""
