@@ -87,3 +87,35 @@ def test_a_backend_without_the_protocol_is_refused():
     register_backend("notanlm", lambda model, **kw: object())
     with pytest.raises(TypeError, match="lacks the LM protocol"):
         get_lm("notanlm:m")
+
+
+def test_a_batch_call_hands_its_misses_to_the_backend_together(tmp_path):
+    """generate(): hits come from the cache, the misses reach the backend in one submit_many call."""
+    cache = CallCache(tmp_path / "c.sqlite")
+    fake = FakeLM("hello")
+    batches = []
+    plain_many = fake.submit_many
+
+    def submit_many(requests):
+        batches.append([r.text for r in requests])
+        return plain_many(requests)
+
+    fake.submit_many = submit_many
+    lm = with_cache(fake, cache)
+    lm.complete(Request("p2"))
+    out = lm.generate([Request("p1"), Request("p2"), Request("p3")])
+    assert [c.cached for c in out] == [False, True, False]
+    assert batches == [["p2"], ["p1", "p3"]]
+
+
+def test_the_vllm_engine_takes_a_batch_as_one_item(tmp_path):
+    """Engine.submit_many queues one item, so its requests join the same engine step."""
+    import queue
+
+    from tandem.lm.vllm_engine import Engine
+
+    engine = Engine.__new__(Engine)  # only the queue: no vLLM engine started
+    engine.closed, engine.model_dir, engine._queue = False, tmp_path, queue.Queue()
+    futs = engine.submit_many([([1], None, None), ([2], None, None)])
+    assert engine._queue.qsize() == 1 and [item[0] for item in engine._queue.get()] == [[1], [2]]
+    assert len(futs) == 2 and not any(f.done() for f in futs)

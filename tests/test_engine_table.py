@@ -122,6 +122,9 @@ def test_start_timeout_reaches_the_engine(tmp_path, monkeypatch):
 
 
 class Closed:
+    def submit_many(self, items):
+        return [self.submit(*item) for item in items]
+
     def submit(self, ids, params, lora):
         f = Future()
         f.set_exception(V.EngineClosed("closed"))
@@ -129,6 +132,9 @@ class Closed:
 
 
 class Working:
+    def submit_many(self, items):
+        return [self.submit(*item) for item in items]
+
     def submit(self, ids, params, lora):
         f = Future()
         f.set_result(Completion("ok", len(ids), 1))
@@ -146,17 +152,17 @@ def test_a_request_that_reaches_a_closed_engine_is_sent_again(tiny_model_dir, mo
         return lm
 
     fut = Future()
-    make([Closed(), Closed(), Working()]).send([1, 2], None, fut, retries=2)
+    make([Closed(), Closed(), Working()]).send([([1, 2], None, fut)], retries=2)
     assert fut.result(timeout=10).text == "ok"
 
     fut = Future()
-    make([Closed(), Closed(), Closed()]).send([1, 2], None, fut, retries=2)
+    make([Closed(), Closed(), Closed()]).send([([1, 2], None, fut)], retries=2)
     with pytest.raises(V.EngineClosed):
         fut.result(timeout=10)
 
     monkeypatch.setattr(V.pool, "aborted", type("E", (), {"is_set": staticmethod(lambda: True)})())
     fut = Future()
-    make([Closed(), Working()]).send([1, 2], None, fut, retries=2)
+    make([Closed(), Working()]).send([([1, 2], None, fut)], retries=2)
     with pytest.raises(V.EngineClosed):  # shutting down: no second try
         fut.result(timeout=10)
 

@@ -62,21 +62,32 @@ class CachedLM(LM):
         return c
 
     def submit(self, request: Request) -> Future:
-        out: Future = Future()
-        key = None
-        if self.cache is not None and request.params.deterministic:
-            key = cache_key(self.inner.fingerprint(), request)
-            try:
-                hit = self.cache.get(key)
-            except Exception as exc:  # noqa: BLE001 - an unreadable cache must not fail the call
-                log.warning("%s: could not read the call cache (%s); asking the model", self.name, exc)
-                hit = None
-            if hit is not None:
-                out.set_result(self._count(hit))
-                return out
-        inner = self.inner.submit(request)
-        inner.add_done_callback(lambda f: self._done(f, out, key))
-        return out
+        return self.submit_many([request])[0]
+
+    def submit_many(self, requests: Sequence[Request]) -> list[Future]:
+        """Hits answered from the cache; the misses handed to the backend together."""
+        outs: list[Future] = []
+        misses: list[tuple[Request, Future, str | None]] = []
+        for request in requests:
+            out: Future = Future()
+            outs.append(out)
+            key = None
+            if self.cache is not None and request.params.deterministic:
+                key = cache_key(self.inner.fingerprint(), request)
+                try:
+                    hit = self.cache.get(key)
+                except Exception as exc:  # noqa: BLE001 - an unreadable cache must not fail the call
+                    log.warning("%s: could not read the call cache (%s); asking the model", self.name, exc)
+                    hit = None
+                if hit is not None:
+                    out.set_result(self._count(hit))
+                    continue
+            misses.append((request, out, key))
+        if misses:
+            inners = self.inner.submit_many([request for request, _, _ in misses])
+            for (_, out, key), inner in zip(misses, inners):
+                inner.add_done_callback(lambda f, out=out, key=key: self._done(f, out, key))
+        return outs
 
     def _done(self, inner: Future, out: Future, key: str | None) -> None:
         """Hand the backend's result on. Never raises: it runs in the backend's threads."""
@@ -100,8 +111,7 @@ class CachedLM(LM):
         return self.submit(request).result()
 
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
+        return [f.result() for f in self.submit_many(requests)]
 
     def render(self, prompt: Prompt) -> str:
         return self.inner.render(prompt)

@@ -147,10 +147,14 @@ class LM(Protocol):
         """One request, waited for."""
         return self.submit(request).result()
 
+    def submit_many(self, requests: Sequence[Request]) -> list[Future[Completion]]:
+        """Start several requests together; a backend that batches them (vLLM) starts them in the
+        same step, so the batch does not depend on how fast they were handed over. Never raises."""
+        return [self.submit(r) for r in requests]
+
     def generate(self, requests: Sequence[Request]) -> list[Completion]:
         """Several requests, submitted together (one batch) and waited for."""
-        futures = [self.submit(r) for r in requests]
-        return [f.result() for f in futures]
+        return [f.result() for f in self.submit_many(requests)]
 
 
 @runtime_checkable

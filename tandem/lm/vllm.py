@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -194,28 +195,44 @@ class VLLM(TrainableLM):
         return len(self.tokenize(text))
 
     def submit(self, request: Request) -> Future:
-        fut: Future = Future()
-        try:
-            from vllm import SamplingParams as VSP
+        return self.submit_many([request])[0]
 
-            ids = self.tokenize(request.text)
-            max_tokens = check_fits(self.name, self.context_length, request, len(ids))
-            p = request.params
-            params = VSP(temperature=p.temperature, max_tokens=max_tokens, stop=list(p.stop) or None,
-                         seed=p.seed if self._seeds_supported else None, skip_special_tokens=True)
-        except Exception as exc:  # noqa: BLE001 - submit never raises: the future carries it
-            fut.set_exception(exc)
-            return fut
-        self.send(ids, params, fut, retries=2)
-        return fut
+    def submit_many(self, requests: Sequence[Request]) -> list[Future]:
+        """Tokenize every request, then hand them to the engine at once; a request that cannot be sent
+        (too long, say) fails alone through its future."""
+        futs: list[Future] = [Future() for _ in requests]
+        ready = []
+        for request, fut in zip(requests, futs):
+            try:
+                from vllm import SamplingParams as VSP
 
-    def send(self, ids: list[int], params, fut: Future, retries: int) -> None:
-        """Hand a tokenized request to the engine; one that meets a closed engine is sent again."""
+                ids = self.tokenize(request.text)
+                max_tokens = check_fits(self.name, self.context_length, request, len(ids))
+                p = request.params
+                params = VSP(temperature=p.temperature, max_tokens=max_tokens, stop=list(p.stop) or None,
+                             seed=p.seed if self._seeds_supported else None, skip_special_tokens=True)
+            except Exception as exc:  # noqa: BLE001 - submit never raises: the future carries it
+                fut.set_exception(exc)
+                continue
+            ready.append((ids, params, fut))
+        if ready:
+            self.send(ready, retries=2)
+        return futs
+
+    def send(self, ready: list[tuple], retries: int) -> None:
+        """Hand tokenized requests ``(ids, params, future)`` to the engine together; one that meets a
+        closed engine is sent again."""
         try:
-            inner = self.engine().submit(ids, params, self._lora())
+            inners = self.engine().submit_many([(ids, params, self._lora()) for ids, params, _ in ready])
         except BaseException as exc:  # noqa: BLE001 - e.g. shutting down; never leave the caller waiting
-            fut.set_exception(exc)
+            for *_, fut in ready:
+                fut.set_exception(exc)
             return
+        for (ids, params, fut), inner in zip(ready, inners):
+            self._forward(inner, ids, params, fut, retries)
+
+    def _forward(self, inner: Future, ids: list[int], params, fut: Future, retries: int) -> None:
+        """``inner``'s result or error to ``fut``; an EngineClosed sends the request again."""
 
         def done(f: Future) -> None:
             exc = f.exception()
@@ -223,7 +240,7 @@ class VLLM(TrainableLM):
                 # The engine was closed or took other weights before this request
                 # started: send it to the engine that serves our weights now (in a
                 # thread of its own: this callback may run under the pool's lock).
-                threading.Thread(target=self.send, args=(ids, params, fut, retries - 1), daemon=True).start()
+                threading.Thread(target=self.send, args=([(ids, params, fut)], retries - 1), daemon=True).start()
                 return
             if fut.done():
                 return

@@ -196,14 +196,24 @@ class Engine:
         self._thread.start()
 
     def submit(self, token_ids: list[int], params, lora_request=None) -> Future:
-        fut: Future = Future()
-        if self.closed:
-            fut.set_exception(EngineClosed(f"vLLM engine for {self.model_dir} is closed"))
-            return fut
-        self._queue.put((token_ids, params, lora_request, fut))
-        return fut
+        return self.submit_many([(token_ids, params, lora_request)])[0]
 
-    def _add(self, item) -> None:
+    def submit_many(self, items: list[tuple]) -> list[Future]:
+        """Requests ``(token_ids, params, lora_request)`` that join the running batch together, in one step:
+        a batch's composition then does not depend on how fast its requests were handed over."""
+        futs: list[Future] = [Future() for _ in items]
+        if self.closed:
+            for fut in futs:
+                fut.set_exception(EngineClosed(f"vLLM engine for {self.model_dir} is closed"))
+            return futs
+        self._queue.put([(*item, fut) for item, fut in zip(items, futs)])
+        return futs
+
+    def _add(self, items: list[tuple]) -> None:
+        for item in items:
+            self._add_one(item)
+
+    def _add_one(self, item) -> None:
         token_ids, params, lora_request, fut = item
         rid = str(next(self._ids))
         try:
@@ -234,8 +244,9 @@ class Engine:
                 item = self._queue.get_nowait()
             except queue.Empty:
                 break
-            if item is not None and not item[3].done():
-                item[3].set_exception(err)
+            for request in item or ():
+                if not request[3].done():
+                    request[3].set_exception(err)
 
     def _serve(self) -> None:
         while not self.closed:
