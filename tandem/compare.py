@@ -269,7 +269,8 @@ def summary_lines(c: Comparison) -> list[str]:
                 + (f", {failed} failed" if failed else ""))
 
     t = c.test
-    lo, hi = -100 * t.ci95[1], -100 * t.ci95[0]  # the interval of B - A
+    # the interval of B - A; + 0.0 turns -0.0 (no difference) into 0.0
+    diff, lo, hi = -100 * t.diff + 0.0, -100 * t.ci95[1] + 0.0, -100 * t.ci95[0] + 0.0
     better = "scored higher" if c.interval != "wilson" else "got right"
     s = c.setting
     return [
@@ -277,6 +278,6 @@ def summary_lines(c: Comparison) -> list[str]:
         line("A", c.a, c.score_a, c.ci_a, c.failures_a, c.setting.get("model_a", "?")),
         line("B", c.b, c.score_b, c.ci_b, c.failures_b, c.setting.get("model_b", "?")),
         f"on {c.n} examples, B fixed {len(c.b_fixed)} (B {better}, A not) and broke {len(c.b_broke)} (the reverse)",
-        f"B - A: {-100 * t.diff:+.1f} points [95% interval {lo:+.1f}, {hi:+.1f}]; "
+        f"B - A: {diff:+.1f} points [95% interval {lo:+.1f}, {hi:+.1f}]; "
         f"{'exact McNemar' if t.method == 'mcnemar-exact' else 'paired bootstrap'} p = {t.p_value:.3g}",
     ]

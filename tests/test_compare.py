@@ -161,3 +161,10 @@ def test_compare_programs_with_a_continuous_metric_uses_bootstrap_intervals():
     assert c.interval == "bootstrap" and c.test.method == "paired-bootstrap" and c.n == 12
     assert c.ci_a[0] <= c.score_a <= c.ci_a[1]
     assert wilson_interval(5, 10) == pytest.approx((23.66, 76.34), abs=0.01)
+
+
+def test_comparing_a_program_with_itself_prints_no_negative_zero(tmp_path, fake_backend, capsys):
+    a = save(tmp_path, "a")
+    assert main(["compare", str(a), str(a), "iris", "--set", "sizes=30,15,30"]) == 0
+    text = capsys.readouterr().out
+    assert "B - A: +0.0 points [95% interval +0.0, +0.0]" in text and "-0.0" not in text
