@@ -78,6 +78,7 @@ def main() -> int:
     p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--rounds", type=int, default=4)
     p.add_argument("--num-candidates", type=int, default=None, help="RandomSearch's num_candidates (default: its own)")
+    p.add_argument("--threads", type=int, default=None, help="RandomSearch's num_threads (default: its own)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "prompt_step.json")
     p.add_argument("--summarize", action="store_true", help="recompute the summary of --out from its rounds")
     args = p.parse_args()
@@ -105,6 +106,8 @@ def main() -> int:
     lm.start()
     print(f"engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
     kw = {} if args.num_candidates is None else {"num_candidates": args.num_candidates}
+    if args.threads is not None:
+        kw["num_threads"] = args.threads
 
     rounds = []
     for r in range(args.rounds):

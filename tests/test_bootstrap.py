@@ -179,3 +179,20 @@ def test_the_weight_steps_teacher_drops_labelled_demos_and_the_sft_set_is_saved(
     assert all("Not given" in t for t in seen[:6])
     with pytest.raises(ValueError, match="teacher_demos must be one of"):
         BootstrapFinetune(metric, teacher_demos="some")
+
+
+def test_one_thread_runs_a_wave_of_samples_one_after_another():
+    """num_threads=1: one request at a time (batches of 1), so the engine sees the same batches every run."""
+    def reply(text, params):
+        x = _x(text)
+        if params.temperature > 0:
+            return f" sample {params.seed}\nY: {x % 3}"
+        return f" greedy\nY: {(x + 1) % 3}"
+
+    lm = FakeLM(reply)
+    one = bootstrap(Mod3().set_lm(lm), data(3), metric, attempts=9, traces_per_example=2, seed=5, num_threads=1)
+    assert one.attempts == 9 and lm.batches == [1] * 9  # greedy, then the wave of 2, for each of 3 examples
+    lm = FakeLM(reply)
+    many = bootstrap(Mod3().set_lm(lm), data(3), metric, attempts=9, traces_per_example=2, seed=5)
+    assert max(lm.batches) > 1  # the default: examples and a wave's samples at once
+    assert [r.entries[0].completion for r in one.runs] == [r.entries[0].completion for r in many.runs]

@@ -157,11 +157,11 @@ def test_bootstrap_with_the_same_seed_gives_the_same_traces(smollm_vllm):
 
     def traces():
         # What makes two runs the same (docs/benchmarks.md, "Same seed, same result"): requests meet the
-        # engine in the same batches and from the same prefix cache. So one example at a time, with
-        # attempts=2 (greedy, then one seeded sample: no wave of samples in parallel threads, whose
-        # batches depend on timing), each run from an empty prefix cache as in a fresh process.
+        # engine in the same batches and from the same prefix cache. So one thread (num_threads=1 also
+        # runs a wave of samples one after another), each run from an empty prefix cache as in a fresh
+        # process.
         empty_prefix_cache(smollm_vllm)
-        boot = bootstrap(program, train, iris_metric, attempts=2, traces_per_example=2, seed=4, num_threads=1)
+        boot = bootstrap(program, train, iris_metric, attempts=3, traces_per_example=2, seed=4, num_threads=1)
         return boot.sources, [(r.attempt, [e.completion for e in r.entries]) for r in boot.runs]
 
     first = traces()

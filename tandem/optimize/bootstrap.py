@@ -169,8 +169,8 @@ def bootstrap(
         while attempt < budget and len(kept) < traces_per_example:
             wave = 1 if attempt == 0 else min(budget - attempt, max(2, traces_per_example - len(kept)))
             numbers = range(attempt, attempt + wave)
-            if wave == 1:
-                tries = [attempt_run(prog, i, attempt, hinted)]
+            if wave == 1 or num_threads == 1:  # one thread: one request at a time, as repeatable as it gets
+                tries = [attempt_run(prog, i, a, hinted) for a in numbers]
             else:  # a wave's samples together: one round of latency
                 with ThreadPoolExecutor(max_workers=wave) as inner:
                     tries = list(inner.map(lambda a: attempt_run(prog, i, a, hinted), numbers))

@@ -106,8 +106,8 @@ class RandomSearch:
         def score(c: tuple[str, Module]) -> EvalResult:
             return evaluate(c[1], valset, self.metric, num_threads=self.num_threads, progress=tick)
 
-        # Candidates run side by side: the engine batches all of them together.
-        with ThreadPoolExecutor(max_workers=len(cands)) as pool:
+        # Candidates run side by side: the engine batches all of them together (one thread: one at a time).
+        with ThreadPoolExecutor(max_workers=len(cands) if self.num_threads > 1 else 1) as pool:
             results = list(pool.map(score, cands))
         best = max(range(len(cands)), key=lambda i: (results[i].score, -i))
         usage = Usage()
