@@ -69,6 +69,8 @@ def compare(r1: Path, r2: Path) -> list[dict]:
 def run(args, run_dir: Path) -> None:
     cmd = [str(ROOT / ".venv/bin/tandem"), "optimize", args.task, "--strategy", args.strategy,
            "--seed", str(args.seed), "--set", f"sizes={args.sizes}", "--run-dir", str(run_dir)]
+    if args.threads is not None:
+        cmd += ["--set", f"threads={args.threads}"]
     env = {**os.environ, "TANDEM_CACHE": "0"}
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
 
@@ -79,6 +81,7 @@ def main() -> int:
     ap.add_argument("--strategy", default="p -> w -> p")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--sizes", default="30,30,30")
+    ap.add_argument("--threads", type=int, default=None, help="the run's threads setting (default: the config's)")
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "determinism")
     ap.add_argument("--no-run", action="store_true", help="compare the run dirs already in --work")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "determinism.json")
@@ -97,7 +100,8 @@ def main() -> int:
     history = json.loads((r1 / "history.json").read_text())
     doc = {
         "command": f"tandem optimize {args.task} --strategy '{args.strategy}' --seed {args.seed} "
-                   f"--set sizes={args.sizes}, TANDEM_CACHE=0, twice",
+                   f"--set sizes={args.sizes}"
+                   + (f" --set threads={args.threads}" if args.threads is not None else "") + ", TANDEM_CACHE=0, twice",
         "identical": all(r["same"] for r in rows), "files_compared": len(rows),
         "different": [r["path"] for r in rows if not r["same"]],
         "dev_scores": [s.get("val_score") for s in history], "run_wall_s": walls,

@@ -116,7 +116,7 @@ class RunConfig:
     num_candidates: Count = 9  # the paper's: 3 fixed + 6 random candidate programs
     max_demos: Annotated[int, Ge(0)] = 3  # the paper's
     format: Optional[str] = None  # prompt format of every predictor (tandem.program.formats); None: the program's own
-    threads: Count = 64  # concurrent program runs: enough to keep the engine's batch full
+    threads: Count = 64  # concurrent program runs: enough to keep the engine's batch full; 1: repeatable runs
     run_dir: Optional[str] = None  # default: runs/<task>-<strategy>-s<seed>
     lora: LoraTable = field(default_factory=dict)  # LoRAConfig overrides
     weight_step: WeightStepTable = field(default_factory=dict)  # BootstrapFinetune's bootstrap settings
