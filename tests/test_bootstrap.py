@@ -16,15 +16,17 @@ from tandem.program.render import build_prompt
 
 
 
-def test_samples_stop_once_enough_distinct_traces_pass():
-    # Greedy always wrong; every sample right, with a reply that names its seed.
-    def reply(text, params):
-        x = _x(text)
-        if params.temperature > 0:
-            return f" sample {params.seed}\nY: {x % 3}"
-        return f" greedy\nY: {(x + 1) % 3}"
+def greedy_wrong_samples_right(text, params):
+    """Greedy always wrong; every sample right, with a reply that names its seed."""
+    x = _x(text)
+    if params.temperature > 0:
+        return f" sample {params.seed}\nY: {x % 3}"
+    return f" greedy\nY: {(x + 1) % 3}"
 
-    boot = bootstrap(Mod3().set_lm(FakeLM(reply)), data(4), metric, attempts=9, traces_per_example=2, seed=5)
+
+def test_samples_stop_once_enough_distinct_traces_pass():
+    boot = bootstrap(Mod3().set_lm(FakeLM(greedy_wrong_samples_right)), data(4), metric, attempts=9, traces_per_example=2,
+                     seed=5)
     assert boot.sources == {"greedy": 0, "sampled": 4, "hint": 0, "none": 0}
     assert len(boot.passed) == 8  # two per example
     # greedy, then one wave of 2 samples: 3 runs per example, not 9
@@ -183,16 +185,10 @@ def test_the_weight_steps_teacher_drops_labelled_demos_and_the_sft_set_is_saved(
 
 def test_one_thread_runs_a_wave_of_samples_one_after_another():
     """num_threads=1: one request at a time (batches of 1), so the engine sees the same batches every run."""
-    def reply(text, params):
-        x = _x(text)
-        if params.temperature > 0:
-            return f" sample {params.seed}\nY: {x % 3}"
-        return f" greedy\nY: {(x + 1) % 3}"
-
-    lm = FakeLM(reply)
+    lm = FakeLM(greedy_wrong_samples_right)
     one = bootstrap(Mod3().set_lm(lm), data(3), metric, attempts=9, traces_per_example=2, seed=5, num_threads=1)
     assert one.attempts == 9 and lm.batches == [1] * 9  # greedy, then the wave of 2, for each of 3 examples
-    lm = FakeLM(reply)
+    lm = FakeLM(greedy_wrong_samples_right)
     many = bootstrap(Mod3().set_lm(lm), data(3), metric, attempts=9, traces_per_example=2, seed=5)
     assert max(lm.batches) > 1  # the default: examples and a wave's samples at once
     assert [r.entries[0].completion for r in one.runs] == [r.entries[0].completion for r in many.runs]
