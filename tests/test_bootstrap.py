@@ -25,8 +25,8 @@ def greedy_wrong_samples_right(text, params):
 
 
 def test_samples_stop_once_enough_distinct_traces_pass():
-    boot = bootstrap(Mod3().set_lm(FakeLM(greedy_wrong_samples_right)), data(4), metric, attempts=9, traces_per_example=2,
-                     seed=5)
+    lm = FakeLM(greedy_wrong_samples_right)
+    boot = bootstrap(Mod3().set_lm(lm), data(4), metric, attempts=9, traces_per_example=2, seed=5)
     assert boot.sources == {"greedy": 0, "sampled": 4, "hint": 0, "none": 0}
     assert len(boot.passed) == 8  # two per example
     # greedy, then one wave of 2 samples: 3 runs per example, not 9

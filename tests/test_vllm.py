@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tandem.evaluate import evaluate
@@ -123,24 +121,13 @@ def test_other_weights_load_into_the_running_engine_and_back(smollm_vllm, tmp_pa
     assert V.engine_stats()[-1]["reloaded"] is True
 
 
-def empty_prefix_cache(lm):
-    """Empty the engine's prefix cache (vLLM's reset_prefix_cache) once its loop is idle."""
-    engine = lm.engine()
-    t0 = time.monotonic()
-    while not engine.idle():  # the loop thread sets the last future, then frees the request
-        assert time.monotonic() - t0 < 10
-        time.sleep(0.01)
-    time.sleep(0.1)
-    assert engine.engine.reset_prefix_cache()
-
-
 def test_seeded_samples_repeat_with_the_cache_off_and_differ_by_seed(smollm_vllm):
     # Prompts longer than a KV block, sent together: the engine batches them, and
     # on a CPU a seeded request must not crash it (chunked prefill is off there).
     text = "<|im_start|>user\nWrite one sentence about the number {}. " + "Be brief. " * 40 + "<|im_end|>\n" \
         "<|im_start|>assistant\n"
     def run(seed):
-        empty_prefix_cache(smollm_vllm)  # as in a fresh process: replies from cached blocks may differ
+        smollm_vllm.engine().reset_prefix_cache()  # as in a fresh process: replies from cached blocks may differ
         reqs = [Request(text.format(i), SamplingParams(temperature=1.0, max_tokens=24, seed=seed)) for i in range(8)]
         return [c.text for c in smollm_vllm.generate(reqs)]
 
@@ -160,7 +147,7 @@ def test_bootstrap_with_the_same_seed_gives_the_same_traces(smollm_vllm):
         # engine in the same batches and from the same prefix cache. So one thread (num_threads=1 also
         # runs a wave of samples one after another), each run from an empty prefix cache as in a fresh
         # process.
-        empty_prefix_cache(smollm_vllm)
+        smollm_vllm.engine().reset_prefix_cache()
         boot = bootstrap(program, train, iris_metric, attempts=3, traces_per_example=2, seed=4, num_threads=1)
         return boot.sources, [(r.attempt, [e.completion for e in r.entries]) for r in boot.runs]
 

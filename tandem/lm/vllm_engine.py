@@ -302,6 +302,17 @@ class Engine:
         """Running, with no request in flight or waiting."""
         return not self.closed and not self._pending and self._queue.empty()
 
+    def reset_prefix_cache(self, timeout: float = 10.0) -> None:
+        """Empty vLLM's prefix cache once no request is in flight (as in a fresh engine)."""
+        t0 = time.monotonic()
+        while not self.idle():  # the loop thread sets the last future, then frees the request
+            if time.monotonic() - t0 > timeout:
+                raise LMError(f"vLLM engine for {self.model_dir} still busy after {timeout} s")
+            time.sleep(0.01)
+        time.sleep(0.1)
+        if not self.engine.reset_prefix_cache():
+            raise LMError("vLLM did not empty its prefix cache")
+
     def _stop(self) -> None:
         """Stop the loop thread; requests that never reached vLLM fail with EngineClosed."""
         if not self.closed:
