@@ -100,7 +100,7 @@ def throughput(model_dir: Path, steps: int, batch: int) -> dict:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = iris_examples(tok, steps * batch + batch)
-    cfg = LoRAConfig(epochs=1, batch_size=batch)
+    cfg = LoRAConfig(epochs=1, batch_size=batch, method="lora")
     with tempfile.TemporaryDirectory() as tmp:
         # A one-step run first: oneDNN builds its kernels on first use.
         train_lora(model_dir, examples[:batch], cfg, Path(tmp) / "warm")
@@ -145,6 +145,7 @@ def lr_sweep(model_dir: Path, rates: list[float], n_train: int, n_eval: int) -> 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tandem.train import LoRAConfig, train_lora
+    from tandem.train.recipe import resolve_config
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = iris_examples(tok, n_train + n_eval)
@@ -155,7 +156,7 @@ def lr_sweep(model_dir: Path, rates: list[float], n_train: int, n_eval: int) -> 
     runs = []
     for lr in rates:
         with tempfile.TemporaryDirectory() as tmp:
-            r = train_lora(model_dir, train, LoRAConfig(learning_rate=lr), Path(tmp) / "a")
+            r = train_lora(model_dir, train, LoRAConfig(learning_rate=lr, method="lora"), Path(tmp) / "a")
             m = PeftModel.from_pretrained(
                 AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16), r.adapter_dir
             )
@@ -164,8 +165,9 @@ def lr_sweep(model_dir: Path, rates: list[float], n_train: int, n_eval: int) -> 
                      "first_step_loss": r.losses[0], "last_step_loss": r.losses[-1]})
         print(f"lr {lr:g}: train {after['train']:.3f}  held-out {after['held_out']:.3f}  "
               f"({r.steps} steps, {r.wall_s:.0f}s)", flush=True)
-    return {"model": model_dir.name, "n_train": n_train, "n_eval": n_eval, "epochs": LoRAConfig().epochs,
-            "batch_size": LoRAConfig().batch_size, "before": before, "runs": runs}
+    cfg = resolve_config(LoRAConfig(method="lora"), model_dir)
+    return {"model": model_dir.name, "n_train": n_train, "n_eval": n_eval, "epochs": cfg.epochs,
+            "batch_size": cfg.batch_size, "before": before, "runs": runs}
 
 
 def main() -> None:

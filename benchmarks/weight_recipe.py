@@ -10,7 +10,8 @@ completion with the gold species (``--completion``: ``gold``, a one-line
 reasoning that restates the petal measurements; ``restate``, one that
 restates all four inputs, as a labelled demo with restated inputs shows it;
 ``bare``, the placeholder ``Not given for this example.``; several,
-comma-separated, each with every recipe). The tuned model is evaluated on the test split
+comma-separated, each with every recipe), or (``--sft FILE``) from the
+``sft.jsonl`` a weight step wrote: the model's own passing traces. The tuned model is evaluated on the test split
 (50 examples) through the vLLM engine (``--serve vllm``), the transformers
 backend with the adapter unmerged (``hf``), or both. Prints a table and
 writes ``benchmarks/results/weight_recipe.json``.
@@ -69,6 +70,9 @@ def main() -> None:
     ap.add_argument("--recipes", default="lora:r32:3e-4:5")
     ap.add_argument("--completion", default="gold",
                     help="comma-separated: gold (petals restated), restate (all inputs restated), bare (placeholder)")
+    ap.add_argument("--sft", default=None,
+                    help="an sft.jsonl a weight step wrote (out/sft.jsonl): train on those prompts and completions, "
+                         "the model's own traces, instead of --completion's")
     ap.add_argument("--serve", choices=("vllm", "hf", "both"), default="vllm")
     ap.add_argument("--data-seed", type=int, default=0)
     ap.add_argument("--batch", type=int, default=8)
@@ -93,11 +97,17 @@ def main() -> None:
                  "outcomes": [r.score for r in base.records]})
     print(f"base model: test {base.score:.1f}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="tandem-recipe-"))
-    runs = [(c, t) for c in args.completion.split(",") for t in args.recipes.split(",")]
+    completions = ["sft"] if args.sft else args.completion.split(",")
+    runs = [(c, t) for c in completions for t in args.recipes.split(",")]
     for i, (completion, text) in enumerate(runs):
-        if completion not in COMPLETIONS:
+        if completion == "sft":
+            examples = [SFTExample(r["prompt"], r["completion"], r["module"])
+                        for r in map(json.loads, Path(args.sft).read_text().splitlines())]
+        elif completion not in COMPLETIONS:
             raise SystemExit(f"--completion: {completion!r} is not one of {sorted(COMPLETIONS)}")
-        examples = [SFTExample(pr, COMPLETIONS[completion](ex), "classify") for pr, ex in zip(prompts, data["train"])]
+        else:
+            examples = [SFTExample(pr, COMPLETIONS[completion](ex), "classify")
+                        for pr, ex in zip(prompts, data["train"])]
         r = parse_recipe(text)
         t0 = time.perf_counter()
         adir = work / f"a{i}"
@@ -129,7 +139,8 @@ def main() -> None:
                                     f"p={t.p_value:.3g}")
         print(f"| {row['completion']} | {row['recipe']} | {row['served']} | {row['test']:.1f} | {vs} | "
               f"{row.get('train_s', '')} | {row.get('final_loss', '')} |")
-    write_result(Path(args.out), {"data_seed": args.data_seed, "completion": args.completion, "rows": rows})
+    write_result(Path(args.out), {"data_seed": args.data_seed, "completion": args.sft or args.completion,
+                                  "rows": rows})
 
 
 if __name__ == "__main__":

@@ -144,13 +144,6 @@ def test_weight_step_records_sources_and_answer_balance(tmp_path):
     assert "4 greedily" in rec.detail and "8 with the answer as a hint" in rec.detail
 
 
-def test_the_weight_step_refuses_full_fine_tuning_with_a_clear_error():
-    from tandem.train import LoRAConfig
-
-    with pytest.raises(ValueError, match="method='full'"):
-        BootstrapFinetune(metric, config=LoRAConfig(method="full"))
-
-
 def test_the_weight_steps_teacher_drops_labelled_demos_and_the_sft_set_is_saved(tmp_path):
     import json
 

@@ -115,6 +115,17 @@ def test_a_run_config_built_in_code_is_checked_the_same_way():
     assert RunConfig(sizes=(5, 5, 5)).check().sizes == (5, 5, 5)
 
 
+def test_full_fine_tuning_is_a_lora_method_the_rl_step_cannot_follow():
+    assert RunConfig(strategy="p -> w -> p", lora={"method": "full"}).check().lora_config().method == "full"
+    assert RunConfig(strategy="r -> w", lora={"method": "full"}).check().rl_settings().lora.method == "lora"
+    with pytest.raises(ValueError, match=r'^\[lora\] method = "full" with strategy .w -> r.: the RL step'):
+        RunConfig(strategy="w -> r", lora={"method": "full"}).check()
+    assert RunConfig(strategy="p -> w -> r").check().lora_config().method == "lora"  # auto: r follows w
+    assert RunConfig(strategy="p -> w -> p").check().lora_config().method == "auto"  # chosen by model size
+    with pytest.raises(ValueError, match=r'^\[lora\] method must be one of auto, lora, full, not .fool.$'):
+        RunConfig(lora={"method": "fool"}).check()
+
+
 # -- the experiment file --------------------------------------------------------------------------
 def experiment(tmp_path, text: str):
     path = tmp_path / "exp.toml"

@@ -35,7 +35,7 @@ from tandem.train.launch import LaunchFailed, child_env, launch, write_sft  # no
 from tandem.train.ranks import Ranks, join, leave, rank_device  # noqa: E402
 
 #: 7 examples in global batches of 3: shards of 2 and 1 rows, and a last batch of 1 that leaves rank 1 empty.
-CONFIG = LoRAConfig(rank=4, alpha=8, epochs=3, batch_size=3, learning_rate=1e-2, device="cpu", bf16=False, seed=0,
+CONFIG = LoRAConfig(method="lora", rank=4, alpha=8, epochs=3, batch_size=3, learning_rate=1e-2, device="cpu", bf16=False, seed=0,
                     attention="eager")
 LOSS_TOL = 1e-5  # per step, absolute (losses ~10.8); measured 1.3e-6
 WEIGHT_TOL = 5e-4  # per adapter weight, absolute (largest |w| ~0.19); measured 3.9e-5

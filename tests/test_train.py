@@ -17,7 +17,7 @@ from tandem.train import (  # noqa: E402
 from tandem.train.lora import collate_batch, completion_loss  # noqa: E402
 
 # Many steps at a high rate: the tiny model is random, so it has a lot to learn.
-FAST = LoRAConfig(rank=8, alpha=16, epochs=30, batch_size=4, learning_rate=1e-2)
+FAST = LoRAConfig(rank=8, alpha=16, epochs=30, batch_size=4, learning_rate=1e-2, method="lora")
 
 
 def _prompt(tok, question: str) -> str:
@@ -105,7 +105,7 @@ def test_loss_decreases_and_adapter_folder_is_complete(trained, tiny_model_dir, 
 
 
 def test_same_seed_same_losses(tiny_model_dir, examples, tmp_path):
-    cfg = LoRAConfig(rank=4, alpha=8, epochs=2, batch_size=2, learning_rate=1e-2, bf16=False)
+    cfg = LoRAConfig(rank=4, alpha=8, epochs=2, batch_size=2, learning_rate=1e-2, bf16=False, method="lora")
     a = train_lora(tiny_model_dir, examples, cfg, tmp_path / "a")
     b = train_lora(tiny_model_dir, examples, cfg, tmp_path / "b")
     assert a.losses == b.losses

@@ -180,7 +180,7 @@ def train(args) -> dict:
     torch.set_num_threads(args.threads or torch.get_num_threads())
     rows = [json.loads(line) for line in open(args.sft)]
     sft = [SFTExample(r["prompt"], r["completion"], r.get("module", "")) for r in rows]
-    cfg = LoRAConfig()
+    cfg = LoRAConfig(method="lora")  # a LoRA on both sides
     t0 = time.perf_counter()
     res = train_lora(ensure_model("smollm2-135m"), sft, cfg, args.adapter_dir, overwrite=True)
     total_s = time.perf_counter() - t0

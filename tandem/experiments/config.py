@@ -129,7 +129,15 @@ class RunConfig:
         """The ``[lora]`` settings as a LoRAConfig with the run's seed; unknown names and wrong types
         are one-line errors."""
         values = validate(LoraTable, self.lora, ("lora",))
-        return replace(LoRAConfig(**values), seed=self.seed)
+        cfg = replace(LoRAConfig(**values), seed=self.seed)
+        if cfg.method == "auto" and self._rl_after_weight_step():  # r continues from a LoRA, not from full weights
+            cfg = replace(cfg, method="lora")
+        return cfg
+
+    def _rl_after_weight_step(self) -> bool:
+        """Whether the strategy has an RL step (r) after a weight step (w)."""
+        steps = [s.strip() for s in str(self.strategy).split("->")]
+        return "w" in steps and "r" in steps[steps.index("w"):]
 
     def weight_step_options(self) -> dict:
         """The ``[weight_step]`` settings, checked: unknown names and bad values are one-line errors."""
@@ -150,7 +158,8 @@ class RunConfig:
         """The ``[rl]`` settings with ``[lora]``'s LoRA, checked: unknown names and bad values are one-line errors."""
         values = validate(RLTable, self.rl, ("rl",))
         try:
-            return GRPOSettings.from_dict(values, lora=self.lora_config())
+            # The RL step always trains a LoRA of [lora]'s shape; method = "full" is the weight step's.
+            return GRPOSettings.from_dict(values, lora=replace(self.lora_config(), method="lora"))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"[rl] {str(exc).replace('RL setting', 'setting', 1)}") from None
 
@@ -168,7 +177,9 @@ class RunConfig:
         validate(RunConfig, asdict(self))
         if not is_zero_shot(self.strategy):
             parse_strategy(self.strategy, set(STEP_LETTERS))  # the steps BetterTogether runs
-        self.lora_config()
+        if self.lora_config().method == "full" and self._rl_after_weight_step():
+            raise ValueError(f'[lora] method = "full" with strategy {self.strategy!r}: the RL step (r) trains a LoRA '
+                             'and cannot continue from weights tuned in full; use method = "lora" or put r first')
         self.weight_step_options()
         self.rl_settings()
         check_format(self.format)

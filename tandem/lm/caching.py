@@ -148,6 +148,10 @@ class CachedTrainableLM(CachedLM, TrainableLM):
     def adapter(self):  # type: ignore[override]
         return self.inner.adapter
 
+    @property
+    def serves_full_weights(self):  # type: ignore[override]
+        return self.inner.serves_full_weights
+
     def with_adapter(self, adapter) -> "CachedTrainableLM":
         return CachedTrainableLM(self.inner.with_adapter(adapter), self.cache)
 

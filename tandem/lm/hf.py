@@ -38,7 +38,7 @@ from typing import Any
 
 from tandem.lm.base import BatchedLM
 from tandem.lm.hf_checkpoint import HFCheckpoint, dtype_name, shared_checkpoint
-from tandem.lm.identity import check_if_tandem_adapter, checkpoint_fingerprint
+from tandem.lm.identity import check_adapter_base, check_if_tandem_adapter, checkpoint_fingerprint, is_full_checkpoint
 from tandem.lm.models import resolve_model
 from tandem.lm.protocol import Completion, LMError, Prompt, Request, TrainableLM
 
@@ -91,8 +91,13 @@ class HFLM(BatchedLM, TrainableLM):
         self.model = str(model)
         self.adapter = Path(adapter) if adapter is not None else None
         super().__init__(f"hf:{model}" + (f"+{self.adapter.name}" if self.adapter else ""))
-        self.checkpoint = checkpoint
+        self.base_checkpoint = checkpoint  # what with_adapter shares
         self.model_dir = checkpoint.model_dir
+        self.full = self.adapter is not None and is_full_checkpoint(self.adapter)
+        if self.full:  # a checkpoint tuned in full runs in place of the base, no PEFT wrapper
+            check_adapter_base(self.adapter, checkpoint.model_dir)
+            checkpoint = shared_checkpoint(self.adapter, checkpoint.dtype)
+        self.checkpoint = checkpoint
         self.dtype = checkpoint.dtype
         self.batch_size = max(1, int(batch_size))
         self.max_batch = max(self.batch_size, 32)
@@ -102,9 +107,10 @@ class HFLM(BatchedLM, TrainableLM):
         self._adapter_added = False
         self._adapter_lock = threading.Lock()
         self._closed = False
-        if self.adapter is not None:
+        if self.adapter is not None and not self.full:
             if not (self.adapter / "adapter_config.json").exists():
-                raise ValueError(f"{self.adapter} is not a PEFT adapter folder (no adapter_config.json)")
+                raise ValueError(f"{self.adapter} is not a PEFT adapter folder (no adapter_config.json) "
+                                 "nor a checkpoint tandem fine-tuned in full")
             check_if_tandem_adapter(self.adapter, checkpoint.model_dir)
             afp = checkpoint_fingerprint(self.adapter)
             fp += f"+{afp}"
@@ -113,7 +119,7 @@ class HFLM(BatchedLM, TrainableLM):
 
     def with_adapter(self, adapter: str | Path | None) -> "HFLM":
         """The same base weights (shared, not reloaded) with ``adapter`` (None: none)."""
-        return HFLM(self.model, adapter, self.batch_size, self.dtype, checkpoint=self.checkpoint)
+        return HFLM(self.model, adapter, self.batch_size, self.dtype, checkpoint=self.base_checkpoint)
 
     def spec(self) -> dict:
         return {"backend": "hf", "model": self.model, "adapter": str(self.adapter) if self.adapter else None,

@@ -3,6 +3,8 @@
 A tandem adapter directory is a plain PEFT folder (``adapter_config.json``,
 ``adapter_model.safetensors``) with one extra file, ``tandem_adapter.json``,
 that names the base model's identity (written by ``tandem.train.adapter``).
+Full fine-tuning (``method = "full"``) writes a whole checkpoint with the same
+file; it stands where an adapter would (``is_full_checkpoint``).
 The identity is ``checkpoint_fingerprint``: a hash of the checkpoint's
 ``config.json`` and of the first and last MiB of each weights file (the
 safetensors header and tensor bytes), so two checkpoints with the same
@@ -65,12 +67,24 @@ def model_identity(model_dir: str | os.PathLike) -> str:
     return checkpoint_fingerprint(model_dir)
 
 
+def is_full_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds tuned weights of the whole model (``[lora] method = "full"``), not a LoRA.
+
+    Such a folder is an ordinary checkpoint (``config.json``, weights,
+    tokenizer) with ``tandem_adapter.json`` naming the base it was trained
+    from; backends serve it in place of the base, as they serve a merged one.
+    """
+    p = Path(path)
+    return (p / META_FILE).exists() and (p / "config.json").exists() and not (p / "adapter_config.json").exists()
+
+
 def load_adapter_meta(adapter_dir: str | os.PathLike) -> dict:
-    """The ``tandem_adapter.json`` of an adapter folder; AdapterError if absent."""
+    """The ``tandem_adapter.json`` of an adapter folder or a fully tuned checkpoint; AdapterError if absent."""
     adapter_dir = Path(adapter_dir)
     path = adapter_dir / META_FILE
-    if not (adapter_dir / "adapter_config.json").exists():
-        raise AdapterError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json)")
+    if not (adapter_dir / "adapter_config.json").exists() and not is_full_checkpoint(adapter_dir):
+        raise AdapterError(f"{adapter_dir} is not a PEFT adapter folder (no adapter_config.json) "
+                           "nor a checkpoint tandem fine-tuned in full")
     if not path.exists():
         raise AdapterError(
             f"{adapter_dir} has no {META_FILE}: not trained by tandem, so its base model is unknown"

@@ -114,6 +114,8 @@ class Connection:
 class OpenAILM(TrainableLM):
     """A model behind an OpenAI-compatible HTTP API, on one server or a fleet. See the module docstring."""
 
+    serves_full_weights = False  # the server loads LoRAs at run time, not whole checkpoints
+
     def __init__(
         self,
         model: str,

@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from tandem.lm.identity import checkpoint_fingerprint
+from tandem.lm.identity import checkpoint_fingerprint, is_full_checkpoint
 from tandem.lm.openai_http import (
     RETRY_STATUS, AdapterNotServed, Retryable, Transport, list_models, transport_failure,
 )
@@ -28,6 +28,9 @@ def served_adapter(adapter: str | os.PathLike) -> tuple[Path | None, str]:
     """(folder, served name) of ``adapter``: a folder (named by its content hash) or a served name."""
     path = Path(adapter).expanduser()
     if path.is_dir():
+        if is_full_checkpoint(path):
+            raise LMError(f"{path} is a checkpoint tuned in full ([lora] method = \"full\"), not a LoRA: a server "
+                          "cannot load it at run time; serve it as the server's model (vllm serve that folder)")
         return path.resolve(), f"{path.name}-{checkpoint_fingerprint(path)[:10]}"
     if os.sep in str(adapter) or str(adapter).startswith("."):
         raise LMError(f"adapter folder {adapter} does not exist")

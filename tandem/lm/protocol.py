@@ -165,6 +165,10 @@ class TrainableLM(LM, Protocol):
     model_dir: Path | None
     #: The adapter folder (or served adapter name) in use, None for the base weights.
     adapter: Path | str | None
+    #: Whether ``with_adapter`` also takes a checkpoint tuned in full (``[lora] method = "full"``,
+    #: ``tandem.lm.identity.is_full_checkpoint``) and serves it in the base's place; a server
+    #: that loads only LoRAs at run time says False.
+    serves_full_weights: bool = True
 
     def with_adapter(self, adapter: str | Path | None) -> "TrainableLM":
         """The same model and settings with ``adapter`` (None: the base weights). The copy shares

@@ -6,7 +6,9 @@ the engine and its feeding thread are ``tandem.lm.vllm_engine``). The engine
 starts at the first request that reaches it, or at ``start()``: requests the
 call cache answers never start one.
 
-Adapters are served one of two ways (``adapter_mode``):
+Adapters are served one of two ways (``adapter_mode``); a checkpoint tuned in
+full (``tandem.lm.identity.is_full_checkpoint``) is always served as it is,
+loaded into the engine like a merged copy:
 
 - ``"lora"``: the base engine with ``enable_lora`` and a LoRARequest per call;
   no extra engine, best on GPUs;
@@ -30,7 +32,7 @@ from concurrent.futures import Future
 from pathlib import Path
 
 from tandem.lm.hardware import cpu_dtype, cuda_available
-from tandem.lm.identity import checkpoint_fingerprint
+from tandem.lm.identity import check_adapter_base, checkpoint_fingerprint, is_full_checkpoint
 from tandem.lm.merged_cache import merged_checkpoint
 from tandem.lm.models import resolve_model
 from tandem.lm.protocol import LMError, Prompt, Request, TrainableLM, check_fits
@@ -88,6 +90,7 @@ class VLLM(TrainableLM):
         self.model_dir = resolve_model(model)
         self.model = str(model)
         self.adapter = Path(adapter) if adapter else None
+        self.full = self.adapter is not None and is_full_checkpoint(self.adapter)  # whole tuned weights, no LoRA
         self.name = f"vllm:{model}" + (f"+{self.adapter.name}" if self.adapter else "")
         # What with_adapter passes on to a copy, the adapter aside.
         self.settings = dict(model=model, adapter_mode=adapter_mode, max_model_len=max_model_len,
@@ -136,7 +139,10 @@ class VLLM(TrainableLM):
 
     # -- engine ------------------------------------------------------------------
     def serving_dir(self) -> Path:
-        """The checkpoint the engine loads: the base, or (``merge``) base and adapter merged."""
+        """The checkpoint the engine loads: the base, a fully tuned checkpoint, or (``merge``) base and adapter merged."""
+        if self.full:
+            check_adapter_base(self.adapter, self.model_dir)
+            return self.adapter
         if self.adapter is None or self.adapter_mode == "lora":
             return self.model_dir
         # Merged copies live in the cache, not in the adapter folder: the
@@ -159,7 +165,7 @@ class VLLM(TrainableLM):
         return eng
 
     def _lora(self):
-        if self.adapter is None or self.adapter_mode != "lora":
+        if self.adapter is None or self.adapter_mode != "lora" or self.full:
             return None
         if self._lora_request is None:
             from vllm.lora.request import LoRARequest
@@ -181,7 +187,7 @@ class VLLM(TrainableLM):
         if self._fingerprint is None:
             fp = f"vllm:{checkpoint_fingerprint(self.model_dir)}:{self.options['dtype']}"
             if self.adapter is not None:
-                fp += f"+{checkpoint_fingerprint(self.adapter)}:{self.adapter_mode}"
+                fp += f"+{checkpoint_fingerprint(self.adapter)}:{'full' if self.full else self.adapter_mode}"
             self._fingerprint = fp
         return self._fingerprint
 

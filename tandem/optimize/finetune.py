@@ -1,4 +1,4 @@
-"""The weight step ``w``: bootstrapped LoRA fine-tuning.
+"""The weight step ``w``: bootstrapped fine-tuning (a LoRA, or every weight with ``method="full"``).
 
 The current program (prompts and weights) runs over the training set; every
 module call in a passing run becomes one SFT example: the module's prompt
@@ -7,7 +7,9 @@ removed, as in the paper), so the tuned model learns to produce the passing
 outputs without the demos. Modules that share an LM are trained together
 into one LoRA (multi-task); ``multitask=False`` trains one LoRA per module.
 
-The adapter is always trained on the *base* weights (a fresh LoRA), from
+The adapter is always trained on the *base* weights (a fresh LoRA, or the
+base's weights themselves with ``LoRAConfig(method="full")``, whose result is
+a whole checkpoint served in the base's place), from
 traces of the current program, which may already run on an earlier adapter.
 The step returns the program on the new weights with zero-shot prompts, or
 with the incoming prompts when those score higher on the step's validation
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from tandem.evaluate.evaluate import Metric, evaluate
@@ -110,11 +113,6 @@ class BootstrapFinetune:
         check_bootstrap_settings(attempts, temperature, traces_per_example, hint_attempts)
         check_balance(balance)
         check_teacher_demos(teacher_demos)
-        if config.method != "lora":
-            raise ValueError(
-                f"[lora] method={config.method!r}: the weight step trains and serves LoRA adapters only; "
-                "full fine-tuning (method='full') is measured by benchmarks/weight_recipe.py (docs/training.md)"
-            )
         self.metric = metric
         self.config = config
         self.multitask = multitask
@@ -128,6 +126,18 @@ class BootstrapFinetune:
         self.hint_attempts = hint_attempts
         self.balance = balance
         self.teacher_demos = teacher_demos
+
+    def _config_for(self, program: Module) -> LoRAConfig:
+        """The training config for ``program``'s LMs: ``auto`` is a LoRA where an LM serves LoRAs only
+        (a server), and ``full`` there is a clear error, raised before any run."""
+        lms = [_base_lm(p.get_lm()) for p in program.predictors()]
+        lora_only = [lm for lm in lms if isinstance(lm, TrainableLM) and not lm.serves_full_weights]
+        if not lora_only or self.config.method == "lora":
+            return self.config
+        if self.config.method == "full":
+            raise ValueError(f'[lora] method = "full": {lora_only[0]!r} serves LoRA adapters only, not weights '
+                             'tuned in full; use method = "lora" (or "auto")')
+        return replace(self.config, method="lora")
 
     def sft_examples(self, program: Module, runs) -> dict[str, list[SFTExample]]:
         """SFT examples from passing ``runs``, grouped by the LoRA they train (an LM, or a module).
@@ -161,6 +171,7 @@ class BootstrapFinetune:
         progress: Progress | None = None, out_dir: str | Path | None = None,
     ) -> CompileResult:
         check_dataset("trainset", trainset)
+        config = self._config_for(program)
         out_dir = Path(out_dir or self.out_dir or "adapters")
         start = time.perf_counter()
         usage = Usage()
@@ -194,7 +205,7 @@ class BootstrapFinetune:
             model_dir = base.model_dir if isinstance(base, TrainableLM) else None
             if model_dir is None:
                 raise TypeError(f"{base!r} cannot be fine-tuned locally: it has no local checkpoint (model_dir)")
-            cfg = self.config if self.config.seed == seed else _with_seed(self.config, seed)
+            cfg = config if config.seed == seed else _with_seed(config, seed)
             adir = out_dir / (f"adapter-{gi}" if len(groups) > 1 else "adapter")
             try:
                 result = self.trainer(
@@ -255,6 +266,4 @@ def _write_sft(out_dir: Path, groups: dict[str, list[SFTExample]]) -> None:
 
 
 def _with_seed(cfg: LoRAConfig, seed: int) -> LoRAConfig:
-    from dataclasses import replace
-
     return replace(cfg, seed=seed)

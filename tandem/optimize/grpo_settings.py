@@ -27,7 +27,7 @@ class GRPOSettings:
     sync_every: int = 1  # updates between putting the new LoRA on the engine
     checkpoint_every: int | None = None  # RL steps between checkpoints (a multiple of sync_every); None: at
     #   every sync; 0: none. Also after the last step. (tandem.optimize.grpo_checkpoint)
-    lora: LoRAConfig = LoRAConfig()  # rank, alpha, targets, max_length, max_grad_norm, seed, device
+    lora: LoRAConfig = LoRAConfig(method="lora")  # rank, alpha, targets, max_length, max_grad_norm, seed, device
 
     def check(self) -> "GRPOSettings":
         """Raise a one-line ValueError naming the first bad setting; return self."""
@@ -53,12 +53,13 @@ class GRPOSettings:
                              f"weights), got {ce!r}")
         if not isinstance(self.per_module, bool):
             raise ValueError(f"RL setting `per_module` must be true or false, got {self.per_module!r}")
-        if not isinstance(self.lora, LoRAConfig) or self.lora.method != "lora":
-            raise ValueError("RL setting `lora` must be a LoRAConfig with method 'lora': the RL step trains a LoRA")
+        if not isinstance(self.lora, LoRAConfig) or self.lora.method == "full":
+            raise ValueError("RL setting `lora` must be a LoRAConfig with method 'lora' (or 'auto'): the RL step "
+                             "trains a LoRA")
         return self
 
     @classmethod
-    def from_dict(cls, values: dict, lora: LoRAConfig = LoRAConfig()) -> "GRPOSettings":
+    def from_dict(cls, values: dict, lora: LoRAConfig = LoRAConfig(method="lora")) -> "GRPOSettings":
         """Settings from a config table (unknown names are a one-line error), checked."""
         known = [f.name for f in fields(cls) if f.name != "lora"]
         unknown = sorted(set(values) - set(known))

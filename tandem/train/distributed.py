@@ -44,6 +44,7 @@ def parse_bool(text: str) -> bool:
 
 #: How a flag's text becomes a LoRAConfig value, by the field's annotation.
 CONVERT = {"int": int, "float": float, "str": str, "str | None": str, "bool | None": parse_bool,
+           "int | None": int, "float | None": float,
            "tuple[str, ...]": lambda text: tuple(t.strip() for t in text.split(",") if t.strip())}
 
 

@@ -45,6 +45,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from tandem.lm.identity import is_full_checkpoint
 from tandem.train.lora import (
     LoRAConfig, bf16_supported, collate_batch, completion_logprobs, load_trainable, padding_id, pick_attention,
     save_trained,
@@ -114,7 +115,7 @@ class Policy:
             log.warning("[lora] processes = %d: only the weight step trains across processes; "
                         "the RL step trains in this one", lora.processes)
         self.model_dir = Path(model_dir)
-        self.lora = lora
+        self.lora = replace(lora, method="lora")  # "auto" included: the RL step always trains a LoRA
         self.learning_rate = learning_rate
         self.clip_epsilon = clip_epsilon
         self.beta = beta
@@ -144,6 +145,9 @@ class Policy:
         # Attention is chosen once, for the first update's longest item (micro-batch rows).
         self.attention = attention or pick_attention(replace(cfg, batch_size=self.micro_batch), self.device,
                                                      AutoConfig.from_pretrained(self.model_dir), longest)
+        if self.adapter is not None and is_full_checkpoint(self.adapter):
+            raise ValueError(f"the RL step trains a LoRA on the program's weights, but {self.adapter} is a checkpoint "
+                             "tuned in full; run the weight step before it with [lora] method = \"lora\"")
         if self.adapter is not None and (self.adapter / "tandem_adapter.json").exists():
             from tandem.train.adapter import check_adapter_base
 

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 from tandem.fileio import atomic_dir
 from tandem.lm.hardware import cpu_has_native_bf16
 from tandem.train.adapter import write_meta
+from tandem.train.recipe import METHODS, resolve_config
 from tandem.train.sft import SFTExample, TokenizedExample, tokenize_examples
 
 if TYPE_CHECKING:
@@ -60,11 +61,10 @@ class LoRAConfig:
     alpha: int = 64  # the paper's; alpha/rank = 2 scales the adapter's update
     dropout: float = 0.0  # the paper's; 5 short epochs over ~100s of examples barely overfit
     target_modules: tuple[str, ...] = ALL_LINEAR  # attention + MLP: see ALL_LINEAR
-    # Small batches, more steps: with a few dozen examples, batch 2 at 1e-3 learns
-    # where the paper's batch 8 does not (docs/training.md, "Recipe").
-    epochs: int = 4
-    batch_size: int = 2  # examples per optimizer step
-    learning_rate: float = 1e-3
+    # None: the method's measured default (tandem.train.recipe.METHOD_DEFAULTS; docs/training.md).
+    epochs: int | None = None
+    batch_size: int | None = None  # examples per optimizer step
+    learning_rate: float | None = None
     # Linear warm-up (Adam's first steps are the noisiest), then constant: these
     # runs are a few dozen steps, and a decay would spend half of them at a tiny rate.
     warmup_ratio: float = 0.1
@@ -74,9 +74,10 @@ class LoRAConfig:
     seed: int = 0  # LoRA initialisation and example order
     bf16: bool | None = None  # None: bf16 autocast where the hardware has native bf16 (see bf16_supported)
     device: str | None = None  # None: cuda if available, else cpu
-    # "lora": a PEFT adapter on the frozen base; "full": every weight is
-    # trained and the result is a full checkpoint (docs/training.md compares them).
-    method: str = "lora"
+    # "lora": a PEFT adapter on the frozen base; "full": every weight is trained and
+    # the result is a full checkpoint; "auto": full up to FULL_MAX_PARAMS parameters,
+    # else lora (tandem.train.recipe; docs/training.md compares them).
+    method: str = "auto"
     # None: "eager" on CPU while its attention matrices fit in EAGER_ATTENTION_BYTES
     # (torch's fused CPU attention has a slow backward; docs/training.md), otherwise "sdpa".
     attention: str | None = None
@@ -85,9 +86,11 @@ class LoRAConfig:
     processes: int = 1
 
     def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"[lora] method must be one of {', '.join(METHODS)}, not {self.method!r}")
         if not isinstance(self.processes, int) or self.processes < 1:
             raise ValueError(f"[lora] processes must be a whole number >= 1, not {self.processes!r}")
-        if self.processes > self.batch_size:
+        if self.batch_size is not None and self.processes > self.batch_size:
             raise ValueError(f"[lora] processes = {self.processes} is more than batch_size = {self.batch_size}: "
                              "each process takes part of every batch; raise batch_size or lower processes")
 
@@ -221,7 +224,8 @@ def train_lora(
     overwrite: bool = False,
     ranks: Ranks | None = None,
 ) -> TrainResult:
-    """Train a LoRA adapter on ``examples`` and save it as a PEFT folder in ``out_dir``.
+    """Train a LoRA adapter on ``examples`` and save it as a PEFT folder in ``out_dir`` (or, with
+    ``method="full"``, every weight, saved as a whole checkpoint; ``"auto"`` chooses by model size).
 
     ``progress(step, total_steps, loss)`` is called after every optimizer
     step. Raises NothingToTrain when no example is usable, FileExistsError
@@ -237,6 +241,7 @@ def train_lora(
     from transformers import AutoConfig, AutoTokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
+    config = resolve_config(config, model_dir)
     if not examples:
         raise NothingToTrain("no SFT examples to train on (no trace passed the metric?)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
@@ -269,8 +274,8 @@ def train_lora(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     net = ranks.wrap(base) if ranks else None
     (log.info if main else log.debug)(
-        "LoRA r=%d on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s attention, %s trainable params",
-        config.rank, model_dir.name, len(data), n_dropped, total_steps, config.learning_rate,
+        "%s on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s attention, %s trainable params",
+        f"LoRA r={config.rank}" if config.method == "lora" else "full fine-tuning", model_dir.name, len(data), n_dropped, total_steps, config.learning_rate,
         "bf16" if use_bf16 else "fp32", attention, f"{trainable:,}",
     )
 
@@ -345,7 +350,7 @@ def load_trainable(model_dir: str | os.PathLike, config: LoRAConfig, *, device: 
     from transformers import AutoModelForCausalLM
 
     if config.method not in ("lora", "full"):
-        raise ValueError(f"method must be 'lora' or 'full', not {config.method!r}")
+        raise ValueError(f"method must be 'lora' or 'full' here (resolve 'auto' first), not {config.method!r}")
     full = config.method == "full"
     base = AutoModelForCausalLM.from_pretrained(  # full fine-tuning keeps fp32 master weights
         model_dir, dtype=torch.bfloat16 if bf16 and not full else torch.float32, attn_implementation=attention,
