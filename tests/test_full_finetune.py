@@ -135,9 +135,9 @@ def test_an_lm_that_serves_only_loras_gets_a_lora(tmp_path):
 
     with pytest.raises(RuntimeError, match="stop here"):
         BootstrapFinetune(metric, trainer=trainer, attempts=1, hint_attempts=0).compile(
-            Mod3().set_lm(lm), trainset=data(3), valset=data(2))
+            Mod3().set_lm(lm), trainset=data(3), valset=data(2), out_dir=tmp_path / "w")
     assert seen == ["lora"]  # auto chose a LoRA
     with pytest.raises(ValueError, match='method = "full": .* serves LoRA adapters only'):
         BootstrapFinetune(metric, trainer=trainer, config=LoRAConfig(method="full")).compile(
-            Mod3().set_lm(lm), trainset=data(3), valset=data(2))
+            Mod3().set_lm(lm), trainset=data(3), valset=data(2), out_dir=tmp_path / "w")
     assert seen == ["lora"]  # refused before any run or training
