@@ -108,7 +108,7 @@ def test_auto_trains_small_models_in_full_with_the_full_recipe(tiny_model_dir, m
     n = sum(p.numel() for p in model.parameters())  # a tied head counted once, as the file stores it
     assert recipe.count_params(tiny_model_dir) == n
     cfg = recipe.resolve_config(LoRAConfig(), tiny_model_dir)
-    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.learning_rate) == ("full", 10, 8, 1e-4)
+    assert (cfg.method, cfg.epochs, cfg.batch_size, cfg.learning_rate) == ("full", 20, 8, 1e-4)
     kept = recipe.resolve_config(LoRAConfig(epochs=2, learning_rate=5e-5), tiny_model_dir)
     assert (kept.method, kept.epochs, kept.batch_size, kept.learning_rate) == ("full", 2, 8, 5e-5)
     monkeypatch.setattr(recipe, "FULL_MAX_PARAMS", n - 1)
