@@ -71,7 +71,8 @@ def _interval(values: list[float]) -> tuple[float | None, list[float] | None]:
     if not values:
         return None, None
     mean, lo, hi = mean_ci(values)
-    return _r(mean), (None if math.isnan(lo) else [_r(lo), _r(hi)])
+    # Scores are percentages: a t-interval of few runs can pass 0 or 100, which no score can.
+    return _r(mean), (None if math.isnan(lo) else [_r(max(lo, 0.0)), _r(min(hi, 100.0))])
 
 
 def _comparisons(by_s: dict[str, list[dict]]) -> list[dict]:
