@@ -98,11 +98,12 @@ def main() -> None:
     print(f"base model: test {base.score:.1f}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="tandem-recipe-"))
     completions = ["sft"] if args.sft else args.completion.split(",")
+    own = [SFTExample(r["prompt"], r["completion"], r["module"])
+           for r in map(json.loads, Path(args.sft).read_text().splitlines())] if args.sft else []
     runs = [(c, t) for c in completions for t in args.recipes.split(",")]
     for i, (completion, text) in enumerate(runs):
         if completion == "sft":
-            examples = [SFTExample(r["prompt"], r["completion"], r["module"])
-                        for r in map(json.loads, Path(args.sft).read_text().splitlines())]
+            examples = own
         elif completion not in COMPLETIONS:
             raise SystemExit(f"--completion: {completion!r} is not one of {sorted(COMPLETIONS)}")
         else:

@@ -141,3 +141,10 @@ def test_an_lm_that_serves_only_loras_gets_a_lora(tmp_path):
         BootstrapFinetune(metric, trainer=trainer, config=LoRAConfig(method="full")).compile(
             Mod3().set_lm(lm), trainset=data(3), valset=data(2), out_dir=tmp_path / "w")
     assert seen == ["lora"]  # refused before any run or training
+
+
+def test_the_rl_step_refuses_to_continue_from_weights_tuned_in_full(full_dir, tiny_model_dir):
+    from tandem.train.grpo import Policy
+
+    with pytest.raises(ValueError, match="trains a LoRA .* tuned in full"):
+        Policy(tiny_model_dir, LoRAConfig(), adapter=full_dir)

@@ -122,6 +122,9 @@ class Policy:
         self.updates = updates
         self.micro_batch = micro_batch
         self.adapter = Path(adapter) if adapter is not None else None
+        if self.adapter is not None and is_full_checkpoint(self.adapter):  # before any rollout, not at the first update
+            raise ValueError(f"the RL step trains a LoRA on the program's weights, but {self.adapter} is a checkpoint "
+                             "tuned in full; run the weight step before it with [lora] method = \"lora\"")
         self.n_updates = 0
         self.trainable_params = 0
         self._model = None
@@ -145,9 +148,6 @@ class Policy:
         # Attention is chosen once, for the first update's longest item (micro-batch rows).
         self.attention = attention or pick_attention(replace(cfg, batch_size=self.micro_batch), self.device,
                                                      AutoConfig.from_pretrained(self.model_dir), longest)
-        if self.adapter is not None and is_full_checkpoint(self.adapter):
-            raise ValueError(f"the RL step trains a LoRA on the program's weights, but {self.adapter} is a checkpoint "
-                             "tuned in full; run the weight step before it with [lora] method = \"lora\"")
         if self.adapter is not None and (self.adapter / "tandem_adapter.json").exists():
             from tandem.train.adapter import check_adapter_base
 

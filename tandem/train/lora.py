@@ -275,7 +275,8 @@ def train_lora(
     net = ranks.wrap(base) if ranks else None
     (log.info if main else log.debug)(
         "%s on %s: %d examples (%d dropped), %d steps, lr %g, %s, %s attention, %s trainable params",
-        f"LoRA r={config.rank}" if config.method == "lora" else "full fine-tuning", model_dir.name, len(data), n_dropped, total_steps, config.learning_rate,
+        f"LoRA r={config.rank}" if config.method == "lora" else "full fine-tuning", model_dir.name, len(data),
+        n_dropped, total_steps, config.learning_rate,
         "bf16" if use_bf16 else "fp32", attention, f"{trainable:,}",
     )
 
