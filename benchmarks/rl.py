@@ -316,7 +316,9 @@ def table(res: dict) -> str:
                **{f"TRL {m}": [x["completions_trained"] for x in v["steps"]] for m, v in res["trl"].items()}}
     lines.append(f"completions trained per step: {trained} (tandem leaves groups with equal rewards out)")
     if res["settings"]["reward"] != "iris":
-        lines.append("reward: --plumbing-reward (len % 7 / 6), not the Iris metric: a plumbing check, not a result")
+        lines.append("reward: --plumbing-reward (len % 7 / 6 on both sides), not the Iris metric: every group has "
+                     "unequal rewards, so both sides train every completion; the mean reward says nothing about "
+                     "learning")
     by_mode = ", ".join(f"{m} {v}x" for m, v in res["speedup_by_trl_mode"].items())
     lines.append(f"\nspeedup = TRL s per RL step / tandem s per RL step ({t['per_step_over']}), against TRL's "
                  f"fastest mode: {res['speedup']}x ({by_mode}); target >= 2")
@@ -348,8 +350,9 @@ def main() -> int:
     p.add_argument("--trl-gradient-checkpointing", action="store_true",
                    help="TRL with gradient checkpointing on (its GRPOConfig default; tandem has none)")
     p.add_argument("--plumbing-reward", action="store_true",
-                   help="for checks on a tiny random model only: reward = len(completion) %% 7 / 6 on both sides "
-                        "instead of the Iris metric (a random model never scores, so nothing would be trained)")
+                   help="reward = len(completion) %% 7 / 6 on both sides instead of the Iris metric, so that every "
+                        "group has a signal and both sides train every completion (a random model never scores; "
+                        "SmolLM2-135M's single completion rarely writes the species field)")
     p.add_argument("--side", choices=["tandem"], help=argparse.SUPPRESS)  # internal: run one side
     p.add_argument("--settings", help=argparse.SUPPRESS)
     p.add_argument("--prompts-out", help=argparse.SUPPRESS)

@@ -47,7 +47,7 @@ def test_each_module_gets_an_equal_share_of_the_loss():
     ({"temperature": -0.5}, "temperature"), ({"temperature": 0.0}, "temperature"), ({"beta": -0.1}, "beta"),
     ({"clip_epsilon": 0}, "clip_epsilon"), ({"steps": 0}, "steps"), ({"batch_size": 1.5}, "batch_size"),
     ({"max_tokens": 0}, "max_tokens"), ({"format_penalty": -1}, "format_penalty"), ({"per_module": "yes"}, "per_module"),
-    ({"lora": LoRAConfig(method="full")}, "lora"),
+    ({"method": "half"}, "method"), ({"lora": "r16"}, "lora"),
 ])
 def test_bad_settings_are_one_line_errors_naming_the_setting(bad, name):
     with pytest.raises(ValueError) as err:

@@ -130,14 +130,14 @@ class RunConfig:
         are one-line errors."""
         values = validate(LoraTable, self.lora, ("lora",))
         cfg = replace(LoRAConfig(**values), seed=self.seed)
-        if cfg.method == "auto" and self._rl_after_weight_step():  # r continues from a LoRA, not from full weights
+        if cfg.method == "auto" and self._lora_rl_after_weight_step():  # a LoRA RL step continues from a LoRA
             cfg = replace(cfg, method="lora")
         return cfg
 
-    def _rl_after_weight_step(self) -> bool:
-        """Whether the strategy has an RL step (r) after a weight step (w)."""
+    def _lora_rl_after_weight_step(self) -> bool:
+        """Whether the strategy has an RL step (r) that trains a LoRA after a weight step (w)."""
         steps = [s.strip() for s in str(self.strategy).split("->")]
-        return "w" in steps and "r" in steps[steps.index("w"):]
+        return self.rl.get("method", "lora") != "full" and "w" in steps and "r" in steps[steps.index("w"):]
 
     def weight_step_options(self) -> dict:
         """The ``[weight_step]`` settings, checked: unknown names and bad values are one-line errors."""
@@ -158,7 +158,7 @@ class RunConfig:
         """The ``[rl]`` settings with ``[lora]``'s LoRA, checked: unknown names and bad values are one-line errors."""
         values = validate(RLTable, self.rl, ("rl",))
         try:
-            # The RL step always trains a LoRA of [lora]'s shape; method = "full" is the weight step's.
+            # The RL step's LoRA has [lora]'s shape; [rl] method (not [lora]'s) says whether it trains every weight.
             return GRPOSettings.from_dict(values, lora=replace(self.lora_config(), method="lora"))
         except (TypeError, ValueError) as exc:
             raise ValueError(f"[rl] {str(exc).replace('RL setting', 'setting', 1)}") from None
@@ -177,9 +177,10 @@ class RunConfig:
         validate(RunConfig, asdict(self))
         if not is_zero_shot(self.strategy):
             parse_strategy(self.strategy, set(STEP_LETTERS))  # the steps BetterTogether runs
-        if self.lora_config().method == "full" and self._rl_after_weight_step():
+        if self.lora_config().method == "full" and self._lora_rl_after_weight_step():
             raise ValueError(f'[lora] method = "full" with strategy {self.strategy!r}: the RL step (r) trains a LoRA '
-                             'and cannot continue from weights tuned in full; use method = "lora" or put r first')
+                             'and cannot continue from weights tuned in full; set [rl] method = "full", use '
+                             '[lora] method = "lora", or put r first')
         self.weight_step_options()
         self.rl_settings()
         check_format(self.format)

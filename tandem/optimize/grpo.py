@@ -1,4 +1,4 @@
-"""The RL weight step ``r``: multi-module GRPO on a LoRA of the program's LM.
+"""The RL weight step ``r``: multi-module GRPO on a LoRA of the program's LM (or on every weight: ``method``).
 
     rl = GRPO(metric, GRPOSettings(steps=10, batch_size=4, rollouts=4))
     result = rl.compile(program, trainset=train, valset=val, seed=0, out_dir="run/rl")
@@ -154,7 +154,7 @@ class GRPO:
         new = program.deepcopy()
         preds = dict(new.named_predictors())
         groups = self._policy_groups(preds)  # before anything slow: a remote LM is an error here
-        lora = s.lora if s.lora.seed == seed else replace(s.lora, seed=seed)
+        lora = replace(s.policy_lora(), seed=seed)
         policies = {key: self.policy_factory(
             g["base"].model_dir, lora, learning_rate=s.learning_rate, clip_epsilon=s.clip_epsilon, beta=s.beta,
             updates=s.updates, micro_batch=s.micro_batch, adapter=g["adapter"]) for key, g in groups.items()}
@@ -288,6 +288,8 @@ class GRPO:
             base = _base_lm(lm)
             if not isinstance(base, TrainableLM) or base.model_dir is None:
                 raise TypeError(f"{base!r} cannot be trained by the RL step: it has no local checkpoint (model_dir)")
+            if self.settings.method == "full" and not base.serves_full_weights:
+                raise TypeError(f"RL setting `method` = 'full': {base!r} serves LoRAs only; use method = 'lora'")
             key = name if self.settings.per_module else base.fingerprint()
             g = groups.setdefault(key, {"base": base, "modules": [], "adapters": set()})
             g["modules"].append(name)

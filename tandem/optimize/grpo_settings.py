@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from tandem.train import LoRAConfig
 
@@ -27,7 +27,9 @@ class GRPOSettings:
     sync_every: int = 1  # updates between putting the new LoRA on the engine
     checkpoint_every: int | None = None  # RL steps between checkpoints (a multiple of sync_every); None: at
     #   every sync; 0: none. Also after the last step. (tandem.optimize.grpo_checkpoint)
-    lora: LoRAConfig = LoRAConfig(method="lora")  # rank, alpha, targets, max_length, max_grad_norm, seed, device
+    method: str = "lora"  # "lora": train a LoRA; "full": every weight (small models; beta must be 0)
+    lora: LoRAConfig = LoRAConfig(method="lora")  # rank, alpha, targets, max_length, max_grad_norm, seed, device;
+    #   its own method is not used (``method`` above decides)
 
     def check(self) -> "GRPOSettings":
         """Raise a one-line ValueError naming the first bad setting; return self."""
@@ -53,10 +55,21 @@ class GRPOSettings:
                              f"weights), got {ce!r}")
         if not isinstance(self.per_module, bool):
             raise ValueError(f"RL setting `per_module` must be true or false, got {self.per_module!r}")
-        if not isinstance(self.lora, LoRAConfig) or self.lora.method == "full":
-            raise ValueError("RL setting `lora` must be a LoRAConfig with method 'lora' (or 'auto'): the RL step "
-                             "trains a LoRA")
+        if not isinstance(self.lora, LoRAConfig):
+            raise ValueError(f"RL setting `lora` must be a LoRAConfig, got {type(self.lora).__name__}")
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"RL setting `method` must be 'lora' or 'full', got {self.method!r}")
+        if self.method == "full" and self.per_module:
+            raise ValueError("RL setting `per_module` needs method = 'lora': one engine serves the modules' LoRAs, "
+                             "not one fully tuned copy per module")
+        if self.method == "full" and self.beta:
+            raise ValueError(f"RL setting `beta` must be 0 with method = 'full' (the KL reference is the base with "
+                             f"the LoRA disabled), got {self.beta!r}")
         return self
+
+    def policy_lora(self) -> LoRAConfig:
+        """The trainer's LoRAConfig: ``lora`` with ``method`` as this step's."""
+        return replace(self.lora, method=self.method)
 
     @classmethod
     def from_dict(cls, values: dict, lora: LoRAConfig = LoRAConfig(method="lora")) -> "GRPOSettings":

@@ -1,4 +1,4 @@
-"""GRPO updates on a LoRA: the trainer of the RL step ``r`` (the rollouts are in tandem.optimize.grpo).
+"""GRPO updates on a LoRA (or every weight): the trainer of the RL step ``r`` (rollouts: tandem.optimize.grpo).
 
     policy = Policy(model_dir, LoRAConfig(), learning_rate=1e-4, clip_epsilon=0.2, beta=0.0)
     stats = policy.update([PolicyItem(prompt, completion, advantage=0.7, module="solve", weight=0.25)])
@@ -14,9 +14,10 @@ style; weights should sum to 1). ``update(items)``:
    over ``max_length`` tokens are dropped and counted;
 2. computes, without gradients, the log-probability of every completion
    token under the current policy (``old``, the policy the rollouts came
-   from when the engine has the latest weights: no engine log-probs needed)
-   and, when ``beta > 0``, under the base model with the adapter disabled
-   (the reference);
+   from when the engine has the latest weights: no engine log-probs needed;
+   skipped with one optimizer step and no dropout, where it equals the
+   training forward's, detached) and, when ``beta > 0``, under the base
+   model with the adapter disabled (the reference);
 3. takes ``updates`` optimizer steps (mu), each over all items in
    micro-batches with gradient accumulation, minimizing ``grpo_token_loss``
    averaged over each completion's tokens, then summed over items with their
@@ -101,11 +102,15 @@ def grpo_token_loss(logp, old_logp, advantages, *, clip_epsilon: float, beta: fl
 
 
 class Policy:
-    """A LoRA on ``model_dir``'s weights, trained by GRPO updates; loaded at the first ``update``.
+    """A LoRA on ``model_dir``'s weights (or, with ``lora.method == "full"``, every weight), trained by
+    GRPO updates; loaded at the first ``update``.
 
     ``adapter``: start from this LoRA (trainable) instead of a fresh one, for
     an RL step after a weight step; the reference for the KL term is still
-    the base model. The AdamW state lives as long as the object, across updates.
+    the base model. With ``method="full"`` it is a checkpoint tuned in full
+    (``train_lora``'s), whose weights the policy starts from; there is no
+    reference model then, so ``beta`` must be 0. The AdamW state lives as
+    long as the object, across updates.
     """
 
     def __init__(self, model_dir: str | os.PathLike, lora: LoRAConfig = LoRAConfig(), *, learning_rate: float = 1e-4,
@@ -115,16 +120,26 @@ class Policy:
             log.warning("[lora] processes = %d: only the weight step trains across processes; "
                         "the RL step trains in this one", lora.processes)
         self.model_dir = Path(model_dir)
-        self.lora = replace(lora, method="lora")  # "auto" included: the RL step always trains a LoRA
+        # "full" trains every weight; anything else ("auto" included) trains a LoRA.
+        self.lora = replace(lora, method="full" if lora.method == "full" else "lora")
+        self.full = self.lora.method == "full"
+        if self.full and beta:
+            raise ValueError("RL setting `beta` > 0 needs a LoRA (its reference is the base with the adapter "
+                             "disabled); with method = \"full\" set beta = 0")
         self.learning_rate = learning_rate
         self.clip_epsilon = clip_epsilon
         self.beta = beta
         self.updates = updates
         self.micro_batch = micro_batch
         self.adapter = Path(adapter) if adapter is not None else None
-        if self.adapter is not None and is_full_checkpoint(self.adapter):  # before any rollout, not at the first update
+        # Checked before any rollout, not at the first update.
+        if self.adapter is not None and not self.full and is_full_checkpoint(self.adapter):
             raise ValueError(f"the RL step trains a LoRA on the program's weights, but {self.adapter} is a checkpoint "
-                             "tuned in full; run the weight step before it with [lora] method = \"lora\"")
+                             "tuned in full; set [rl] method = \"full\", or run the weight step before it with "
+                             "[lora] method = \"lora\"")
+        if self.adapter is not None and self.full and not is_full_checkpoint(self.adapter):
+            raise ValueError(f"[rl] method = \"full\" trains every weight, but the program serves the LoRA "
+                             f"{self.adapter}; use [rl] method = \"lora\" after a LoRA weight step")
         self.n_updates = 0
         self.trainable_params = 0
         self._model = None
@@ -152,9 +167,14 @@ class Policy:
             from tandem.train.adapter import check_adapter_base
 
             check_adapter_base(self.adapter, self.model_dir)
-        self._causal_lm, self._model = load_trainable(self.model_dir, cfg, device=self.device, bf16=self.bf16,
-                                                      attention=self.attention, adapter=source or self.adapter)
-        if self.adapter is not None:  # the adapter's own shape, for the saved metadata
+        start = source or self.adapter
+        if self.full:  # every weight, from the base or a checkpoint tuned in full
+            self._causal_lm, self._model = load_trainable(start or self.model_dir, cfg, device=self.device,
+                                                          bf16=self.bf16, attention=self.attention)
+        else:
+            self._causal_lm, self._model = load_trainable(self.model_dir, cfg, device=self.device, bf16=self.bf16,
+                                                          attention=self.attention, adapter=start)
+        if self.adapter is not None and not self.full:  # the adapter's own shape, for the saved metadata
             pc = self._model.peft_config["default"]
             self.lora = replace(cfg, rank=pc.r, alpha=pc.lora_alpha, dropout=pc.lora_dropout,
                                 target_modules=tuple(sorted(pc.target_modules)))
@@ -217,11 +237,16 @@ class Policy:
         kept.sort(key=lambda p: len(p[0]))  # micro-batches of similar length: less padding
         batches = [kept[i:i + self.micro_batch] for i in range(0, len(kept), self.micro_batch)]
 
+        # With one optimizer step the weights that sampled are the weights that train: old = logp.detach()
+        # (ratio 1), so the no-grad forward is skipped, as TRL does for num_iterations = 1. LoRA dropout
+        # would make the two forwards differ; then it is kept.
+        reuse = self.updates == 1 and (self.full or not self.lora.dropout)
         self._model.eval()
         old, ref = [], []
         with torch.no_grad():
             for b in batches:
-                old.append(self._logprobs([t for t, _ in b])[0].detach())
+                if not reuse:
+                    old.append(self._logprobs([t for t, _ in b])[0].detach())
                 if self.beta:
                     with self._model.disable_adapter():
                         ref.append(self._logprobs([t for t, _ in b])[0].detach())
@@ -232,9 +257,10 @@ class Policy:
             total = clipped = kl_sum = 0.0
             for bi, b in enumerate(batches):
                 logp, row = self._logprobs([t for t, _ in b])
+                old_b = logp.detach() if reuse else old[bi]
                 adv = torch.tensor([it.advantage for _, it in b], device=logp.device)[row]
                 weight = torch.tensor([it.weight for _, it in b], device=logp.device)
-                per_token = grpo_token_loss(logp, old[bi], adv, clip_epsilon=self.clip_epsilon, beta=self.beta,
+                per_token = grpo_token_loss(logp, old_b, adv, clip_epsilon=self.clip_epsilon, beta=self.beta,
                                             ref_logp=ref[bi] if self.beta else None)
                 counts = torch.zeros(len(b), device=logp.device).index_add_(0, row, torch.ones_like(logp))
                 per_item = torch.zeros(len(b), device=logp.device).index_add_(0, row, per_token) / counts
@@ -242,7 +268,7 @@ class Policy:
                 loss.backward()
                 total += loss.item()
                 with torch.no_grad():
-                    ratio = torch.exp(logp - old[bi])
+                    ratio = torch.exp(logp - old_b)
                     clipped += float(((ratio - 1.0).abs() > self.clip_epsilon).sum())
                     if self.beta:
                         diff = ref[bi] - logp
