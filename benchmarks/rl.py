@@ -61,9 +61,9 @@ same torch thread count.
 
 Different by design (each library's own choice, recorded in the JSON):
 tandem leaves groups whose rewards are all equal out of the update, TRL trains
-on them with advantage 0; tandem computes the "old" log-probs in a no-grad
-forward, TRL skips it when mu = 1 with transformers generation and computes it
-in vLLM mode (for its importance-sampling correction, on by default); tandem's
+on them with advantage 0; with mu = 1 both skip the "old" log-prob forward
+(the ratio is 1), except TRL in vLLM mode, which computes it for its
+importance-sampling correction (on by default); tandem's
 trainer picks eager attention on CPU, TRL uses transformers' default; tandem
 stores the frozen base in bf16 when it autocasts to bf16; tandem's engine
 options (32-token KV blocks, no chunked prefill) against TRL's ``LLM(...)``
@@ -315,6 +315,8 @@ def table(res: dict) -> str:
     trained = {"tandem": [x["completions_trained"] for x in res["tandem"]["steps"]],
                **{f"TRL {m}": [x["completions_trained"] for x in v["steps"]] for m, v in res["trl"].items()}}
     lines.append(f"completions trained per step: {trained} (tandem leaves groups with equal rewards out)")
+    for mode, x in res.get("trl_failed", {}).items():
+        lines.append(f"TRL {mode}: failed ({x['error']}; {x['log']})")
     if res["settings"]["reward"] != "iris":
         lines.append("reward: --plumbing-reward (len % 7 / 6 on both sides), not the Iris metric: every group has "
                      "unequal rewards, so both sides train every completion; the mean reward says nothing about "
@@ -433,7 +435,13 @@ def main() -> int:
             side_env = {**env, **vllm_env, "PYTHONPATH": str(overlay)}
         else:
             cmd, side_env = [TRL_PY, *cmd], env
-        process_s = run_side(cmd, work / f"trl_{mode}.log", env=side_env, timeout=7200)
+        try:
+            process_s = run_side(cmd, work / f"trl_{mode}.log", env=side_env, timeout=7200)
+        except RuntimeError as exc:  # a mode that cannot run here is recorded, and the others still compared
+            last = [ln for ln in str(exc).splitlines() if ln.strip()][-1]
+            res.setdefault("trl_failed", {})[mode] = {"error": last, "log": str(work / f"trl_{mode}.log")}
+            print(f"  failed: {last}", flush=True)
+            continue
         x = {**json.loads(side_out.read_text()), "process_s": round(process_s, 1)}
         x["summary"] = summarize(x["steps"], {"generate": "generate_s", "train": "train_s", "sync": "sync_s",
                                               "other": "score_other_s"})
@@ -441,6 +449,9 @@ def main() -> int:
         res["load_1min"][f"trl_{mode}_after"] = round(os.getloadavg()[0], 2)
         print(f"  {x['summary']['per_step_s']} s per RL step", flush=True)
 
+    if not res["trl"]:
+        write_result(args.out, res)
+        sys.exit(f"no TRL mode ran: {res.get('trl_failed')}")
     t = res["tandem"]["summary"]
     res["speedup_by_trl_mode"] = {m: ratio(x["summary"]["per_step_s"], t["per_step_s"]) for m, x in res["trl"].items()}
     fastest = min(res["trl"], key=lambda m: res["trl"][m]["summary"]["per_step_s"])

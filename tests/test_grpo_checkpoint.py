@@ -44,20 +44,21 @@ def length_metric(ex, pred, trace=None):
     return (len(pred.reasoning) + len(pred.y)) % 7 / 6
 
 
-def tiny_settings() -> GRPOSettings:
+def tiny_settings(method: str = "lora") -> GRPOSettings:
     return GRPOSettings(steps=3, batch_size=2, rollouts=2, max_tokens=4, temperature=1.0, micro_batch=4,
-                        checkpoint_every=2, lora=LoRAConfig(rank=4, alpha=8, device="cpu", bf16=False))
+                        checkpoint_every=2, method=method, learning_rate=1e-4,
+                        lora=LoRAConfig(rank=4, alpha=8, device="cpu", bf16=False))
 
 
-def tiny_run(model_dir, out_dir, progress=None):
+def tiny_run(model_dir, out_dir, progress=None, method: str = "lora"):
     from tandem.lm.hf import HFLM
 
     prog = Mod3().set_lm(HFLM(model_dir))
-    return GRPO(length_metric, tiny_settings()).compile(prog, trainset=data(4), seed=0, out_dir=out_dir,
-                                                        progress=progress)
+    return GRPO(length_metric, tiny_settings(method)).compile(prog, trainset=data(4), seed=0, out_dir=out_dir,
+                                                              progress=progress)
 
 
-def child(model_dir: str, out_dir: str) -> None:
+def child(model_dir: str, out_dir: str, method: str) -> None:
     """The run to kill: SIGKILL right after the second checkpoint wrote its LoRA, before it is complete."""
     from tandem.train.grpo import Policy
 
@@ -71,18 +72,21 @@ def child(model_dir: str, out_dir: str) -> None:
         return out
 
     Policy.save_state = save_state
-    tiny_run(model_dir, out_dir)
+    tiny_run(model_dir, out_dir, method=method)
 
 
 def adapter_weights(folder: Path) -> dict:
+    """The trained weights: a LoRA's, or a whole checkpoint's (method "full")."""
     from safetensors.torch import load_file
 
-    return load_file(str(folder / "adapter_model.safetensors"))
+    name = "adapter_model.safetensors" if (folder / "adapter_model.safetensors").exists() else "model.safetensors"
+    return load_file(str(folder / name))
 
 
-def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_model_dir, tmp_path, method):
     killed = tmp_path / "killed"
-    code = f"import test_grpo_checkpoint as t; t.child({str(tiny_model_dir)!r}, {str(killed)!r})"
+    code = f"import test_grpo_checkpoint as t; t.child({str(tiny_model_dir)!r}, {str(killed)!r}, {method!r})"
     env = {**os.environ, "TANDEM_CACHE": "0", "PYTHONPATH": os.pathsep.join([str(Path(__file__).parent),
                                                                                 os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
@@ -95,8 +99,9 @@ def test_a_run_killed_with_sigkill_resumes_to_the_uninterrupted_result(tiny_mode
     assert sorted(p.name for p in (killed / "adapters").iterdir()) == ["adapter-step003"]
 
     seen = []
-    resumed = tiny_run(tiny_model_dir, killed, progress=lambda label, done, total: seen.append((label, done, total)))
-    full = tiny_run(tiny_model_dir, tmp_path / "full")
+    resumed = tiny_run(tiny_model_dir, killed, progress=lambda label, done, total: seen.append((label, done, total)),
+                       method=method)
+    full = tiny_run(tiny_model_dir, tmp_path / "full", method=method)
 
     a, b = resumed.history[-1], full.history[-1]
     assert a.status == b.status == "ok"
