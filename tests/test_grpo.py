@@ -219,6 +219,25 @@ def test_equal_rewards_everywhere_train_nothing(tmp_path):
     assert FakePolicy.made[0].batches == [] and res.program.solve.lm.adapter is None
 
 
+def test_oversample_trains_the_first_groups_whose_rewards_differ(tmp_path):
+    def reply(text, params):  # even x: always right (a group that teaches nothing); odd x: right for odd seeds
+        x, seed = read_x(text), params.seed or 0
+        return f" ok\nY: {x % 3 if x % 2 == 0 or seed % 2 else 9}"
+
+    prog = Mod3().set_lm(fake_lm(tmp_path, reply))
+    res = GRPO(metric, steps=3, batch_size=1, oversample=4, rollouts=4, policy_factory=FakePolicy).compile(
+        prog, trainset=data(8), valset=data(2), seed=0, out_dir=tmp_path / "out")
+    steps = res.history[-1].extra["steps"]
+    assert all(len(h["examples"]) == 4 and h["groups"] == 4 for h in steps)  # 1 x 4 drawn per step
+    assert all(h["trained_groups"] == min(1, 4 - h["zero_variance_groups"]) for h in steps)
+    (policy,) = FakePolicy.made
+    assert policy.batches
+    for batch in policy.batches:  # one example's rollouts per update: the first informative one drawn
+        assert len({read_x(it.prompt) for it in batch}) == 1 and read_x(batch[0].prompt) % 2 == 1
+    with pytest.raises(ValueError, match="`oversample`"):
+        GRPO(metric, oversample=0)
+
+
 class TwoModules(Module):
     def __init__(self):
         self.guess = ChainOfThought("x -> y")

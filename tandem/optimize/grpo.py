@@ -12,8 +12,11 @@ returns a non-number, or a program that raises, scores 0 and is counted; an
 engine error drops the rollout from its group (not the policy's doing).
 Advantage = (reward - group mean) / (group std + 1e-4) over one example's
 rollouts (sample std, as TRL); a group whose rewards are all equal teaches
-nothing and is left out (counted). Every module call of a rollout, the one
-whose reply did not parse included, gets the rollout's advantage; the calls
+nothing and is left out (counted). With ``oversample`` = k > 1 a step draws
+k x ``batch_size`` examples and trains on the first ``batch_size`` whose
+rollouts differ in reward (DAPO's dynamic sampling, in one draw). Every
+module call of a rollout, the one whose reply did not parse included, gets
+the rollout's advantage; the calls
 are grouped per module (mmGRPO, Ziems et al. 2025): each module's calls
 share one equal part of the loss. The update is tandem.train.grpo's clipped
 policy gradient on one LoRA per LM the program uses (multi-task, as the weight
@@ -90,6 +93,17 @@ def module_weights(items: list[PolicyItem]) -> list[PolicyItem]:
     for it in items:
         per_module[it.module] = per_module.get(it.module, 0) + 1
     return [replace(it, weight=1.0 / (len(per_module) * per_module[it.module])) for it in items]
+
+
+def keep_informative(runs: list[Rollout], limit: int) -> int:
+    """Keep the advantages of the first ``limit`` examples (in draw order) whose rollouts differ in reward;
+    clear the rest (DAPO's dynamic sampling, with ``oversample`` > 1). Returns the groups kept."""
+    informative = sorted({r.example for r in runs if r.advantage is not None})
+    kept = set(informative[:limit])
+    for r in runs:
+        if r.example not in kept:
+            r.advantage = None
+    return len(kept)
 
 
 def _base_lm(lm: LM) -> LM:
@@ -179,16 +193,18 @@ class GRPO:
         report(progress, "rl steps", first, s.steps)
         for step in range(first, s.steps):
             t0 = time.perf_counter()
-            while len(run["order"]) < s.batch_size:  # epochs of a seeded shuffle
+            draw = s.batch_size * s.oversample
+            while len(run["order"]) < draw:  # epochs of a seeded shuffle
                 more = list(range(len(trainset)))
                 rng.shuffle(more)
                 run["order"] += more
-            batch_ids, run["order"] = run["order"][:s.batch_size], run["order"][s.batch_size:]
+            batch_ids, run["order"] = run["order"][:draw], run["order"][draw:]
             step_usage = Usage()
             runs = self.rollouts(new, [trainset[i] for i in batch_ids], step, seed, step_usage)
             usage.merge(step_usage)
             rollout_s = time.perf_counter() - t0
             rec = self._advantages(runs, len(batch_ids))
+            rec["trained_groups"] = keep_informative(runs, s.batch_size)
             items: dict[str, list[PolicyItem]] = {}
             unknown = 0
             for r in runs:

@@ -13,7 +13,9 @@ class GRPOSettings:
     """The RL step's settings (``[rl]`` in a run config); ``check()`` gives one-line errors."""
 
     steps: int = 10  # RL steps (one update each)
-    batch_size: int = 4  # training examples per step
+    batch_size: int = 4  # training examples per step (whose rollouts differ in reward, with oversample > 1)
+    oversample: int = 1  # draw batch_size x oversample examples per step and train on the first batch_size
+    #   whose rollouts differ in reward (DAPO's dynamic sampling): equal-reward groups teach nothing
     rollouts: int = 4  # n: program runs per example; advantages compare them
     temperature: float = 0.7  # rollouts' sampling; at 1.0 SmolLM2-135M rambles (docs/training.md)
     learning_rate: float = 1e-4  # AdamW on the LoRA
@@ -33,7 +35,8 @@ class GRPOSettings:
 
     def check(self) -> "GRPOSettings":
         """Raise a one-line ValueError naming the first bad setting; return self."""
-        ints = {"steps": 1, "batch_size": 1, "rollouts": 2, "updates": 1, "micro_batch": 1, "sync_every": 1}
+        ints = {"steps": 1, "batch_size": 1, "oversample": 1, "rollouts": 2, "updates": 1, "micro_batch": 1,
+                "sync_every": 1}
         for name, low in ints.items():
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < low:
