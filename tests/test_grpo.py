@@ -103,16 +103,20 @@ PROMPT = "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nA
 GOOD, BAD = " yes, it is", " no"
 
 
+def train_good_over_bad(policy: Policy, out_dir: Path, updates: int = 4):
+    """``updates`` updates with advantage +1 on GOOD and -1 on BAD; (policy, before, after, stats, saved folder)."""
+    before = policy.logprob(PROMPT, GOOD), policy.logprob(PROMPT, BAD)
+    items = module_weights([PolicyItem(PROMPT, GOOD, 1.0, "solve"), PolicyItem(PROMPT, BAD, -1.0, "solve")])
+    stats = [policy.update(items) for _ in range(updates)]
+    after = policy.logprob(PROMPT, GOOD), policy.logprob(PROMPT, BAD)
+    return policy, before, after, stats, policy.save(out_dir, {"rl_step": updates})
+
+
 @pytest.fixture(scope="module")
 def updated(tiny_model_dir, tmp_path_factory):
     policy = Policy(tiny_model_dir, LoRAConfig(rank=8, alpha=16, device="cpu", bf16=False), learning_rate=5e-3,
                     beta=0.05, micro_batch=1)
-    before = policy.logprob(PROMPT, GOOD), policy.logprob(PROMPT, BAD)
-    items = module_weights([PolicyItem(PROMPT, GOOD, 1.0, "solve"), PolicyItem(PROMPT, BAD, -1.0, "solve")])
-    stats = [policy.update(items) for _ in range(4)]
-    after = policy.logprob(PROMPT, GOOD), policy.logprob(PROMPT, BAD)
-    out = policy.save(tmp_path_factory.mktemp("rl") / "adapter", {"rl_step": 4})
-    return policy, before, after, stats, out
+    return train_good_over_bad(policy, tmp_path_factory.mktemp("rl") / "adapter")
 
 
 def test_update_raises_the_positive_completion_and_lowers_the_negative(updated):

@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from fakes import Mod3, data  # noqa: E402
+from test_grpo import BAD, GOOD, PROMPT, train_good_over_bad  # noqa: E402
 
 from tandem.experiments.config import RunConfig  # noqa: E402
 from tandem.lm.identity import check_adapter_base, is_full_checkpoint, load_adapter_meta  # noqa: E402
@@ -23,8 +24,6 @@ from tandem.optimize.grpo import module_weights  # noqa: E402
 from tandem.train import LoRAConfig, SFTExample, train_lora  # noqa: E402
 from tandem.train.grpo import Policy, PolicyItem  # noqa: E402
 
-PROMPT = "<|im_start|>user\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nAnswer:"
-GOOD, BAD = " yes, it is", " no"
 FULL = LoRAConfig(method="full", device="cpu", bf16=False)
 ITEMS = module_weights([PolicyItem(PROMPT, GOOD, 1.0, "solve"), PolicyItem(PROMPT, BAD, -1.0, "solve")])
 
@@ -32,11 +31,7 @@ ITEMS = module_weights([PolicyItem(PROMPT, GOOD, 1.0, "solve"), PolicyItem(PROMP
 @pytest.fixture(scope="module")
 def updated(tiny_model_dir, tmp_path_factory):
     policy = Policy(tiny_model_dir, FULL, learning_rate=1e-3, micro_batch=1)
-    before = policy.logprob(PROMPT, GOOD), policy.logprob(PROMPT, BAD)
-    stats = [policy.update(ITEMS) for _ in range(4)]
-    after = policy.logprob(PROMPT, GOOD), policy.logprob(PROMPT, BAD)
-    out = policy.save(tmp_path_factory.mktemp("rl-full") / "adapter", {"rl_step": 4})
-    return policy, before, after, stats, out
+    return train_good_over_bad(policy, tmp_path_factory.mktemp("rl-full") / "adapter")
 
 
 def test_a_full_update_raises_the_positive_completion_and_lowers_the_negative(updated):
