@@ -146,6 +146,10 @@ def run_side(cmd: list, log: Path, env: dict | None = None, timeout: float = 360
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
             raise RuntimeError(f"{cmd[1]} timed out after {timeout} s; see {log}") from None
+        except BaseException:  # Ctrl-C or SIGTERM of this script (sys.exit in its handler): end the side too
+            os.killpg(p.pid, signal.SIGTERM)
+            p.wait()
+            raise
     if rc != 0:
         tail = "\n".join(log.read_text(errors="replace").splitlines()[-30:])
         raise RuntimeError(f"{' '.join(map(str, cmd[:3]))} exited with {rc}; see {log}:\n{tail}")
