@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import time
 
 import pytest
@@ -20,6 +22,7 @@ def fake_merge(monkeypatch, tmp_path):
     def merge(model_dir, adapter_dir, out_dir):
         out_dir.mkdir(parents=True)
         (out_dir / "config.json").write_text("{}")
+        (out_dir / "tandem.json").write_text(json.dumps({"merged_from": {"adapter": str(adapter_dir)}}))
         calls.append(adapter_dir)
         return out_dir
 
@@ -75,3 +78,30 @@ def test_a_bad_limit_names_the_variable(monkeypatch, value):
     monkeypatch.setenv("TANDEM_MAX_MERGED", value)
     with pytest.raises(ValueError, match=f"TANDEM_MAX_MERGED: expected a positive integer, got '{value}'"):
         merged_cache.max_merged()
+
+
+def test_a_copy_whose_adapter_folder_is_gone_is_removed_within_the_hour(fake_merge, tmp_path):
+    """The RL step removes each adapter it stops serving; its merged copy goes at the next merge."""
+    base = _folder(tmp_path / "base", "b")
+    first = merged_checkpoint(base, _folder(tmp_path / "step1", "w1"))
+    second = merged_checkpoint(base, _folder(tmp_path / "step2", "w2"))
+    assert first.exists() and second.exists()  # step1 still exists: kept
+    shutil.rmtree(tmp_path / "step1")
+    third = merged_checkpoint(base, _folder(tmp_path / "step3", "w3"))
+    assert not first.exists() and second.exists() and third.exists()
+
+
+def test_reusing_a_copy_from_another_folder_with_the_same_adapter_keeps_it(fake_merge, tmp_path):
+    base = _folder(tmp_path / "base", "b")
+    made = merged_checkpoint(base, _folder(tmp_path / "run" / "adapter", "same weights"))
+    saved = _folder(tmp_path / "program" / "adapter", "same weights")  # a saved program's copy
+    assert merged_checkpoint(base, saved) == made and len(fake_merge) == 1
+    shutil.rmtree(tmp_path / "run")
+    merged_checkpoint(base, _folder(tmp_path / "other", "other weights"))
+    assert made.exists()  # its record now names the saved program's folder
+
+
+def test_a_copy_without_a_record_is_only_pruned_by_count_and_age(tmp_path):
+    root = tmp_path / "merged"
+    bare = _folder(root / "c0", "x")
+    assert prune(root, 0) == [] and bare.exists()

@@ -40,7 +40,7 @@ def merge_adapter(
         info = json.loads(base_meta.read_text()) if base_meta.exists() else {}
         info.update({
             "name": f"{meta['base_model']['name']}+{adapter_dir.name}",
-            "merged_from": {"base": str(model_dir), "adapter": str(adapter_dir),
+            "merged_from": {"base": str(model_dir.resolve()), "adapter": str(adapter_dir.resolve()),
                             "base_identity": meta["base_model"]["identity"]},
         })
         (tmp / "tandem.json").write_text(json.dumps(info, indent=1))
